@@ -1,0 +1,32 @@
+# Set-up and the two everyday commands. `make demo` and `make test` set up as needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# torch first: the CPU build where there is no NVIDIA driver (a plain `torch` pulls a
+# multi-GB CUDA build); a local wheel of torch 2.13.0 is used where pip can find one.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null || \
+		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/vrn-reconstruct --sample -o $(OUT) --preview
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

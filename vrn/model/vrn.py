@@ -1,0 +1,244 @@
+"""The Volumetric Regression Network and its multitask and guided variants.
+
+The default :class:`VRNConfig` is exactly the released ``vrn-unguided`` (19,184,968
+parameters): input ``(N, 3, 192, 192)`` RGB in [0, 1], output ``(N, 200, 192, 192)``
+occupancy in [0, 1] after a sigmoid, channel ``d`` is depth with larger ``d`` nearer the
+camera, so the volume is ``(D, H, W)`` per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import BN_MODES, BatchNorm2d, ConvBNReLU, Level, Residual
+
+NUM_LANDMARKS = 68
+
+
+@dataclass(frozen=True)
+class VRNConfig:
+    """Architecture of one VRN trunk and head.
+
+    ``features`` is the hourglass width (the stem runs at ``features // 4`` and
+    ``features // 2``); ``hourglass_depth`` the number of nested levels; the ``residuals_*``
+    the residual counts per level branch; ``out_depth`` the number of output channels
+    (volume depth, or heatmaps); ``input_size`` the square input side, divisible by
+    ``4 * 2`` so the pooled branch stays integral.
+    """
+
+    in_channels: int = 3
+    features: int = 256
+    num_stacks: int = 2
+    hourglass_depth: int = 4
+    residuals_a: int = 3
+    residuals_b: int = 6
+    residuals_b_innermost: int = 9
+    out_depth: int = 200
+    input_size: int = 192
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"VRNConfig.{field.name} must be an int, got {value!r}")
+        positive = ("in_channels", "features", "num_stacks", "hourglass_depth", "out_depth",
+                    "input_size", "residuals_b_innermost")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"VRNConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.features % 4:
+            raise ValueError(f"VRNConfig.features must be a multiple of 4, got {self.features}")
+        if self.input_size % 8:
+            raise ValueError(f"VRNConfig.input_size must be a multiple of 8, got {self.input_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VRNConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown VRNConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def set_bn_mode(module: nn.Module, mode: str) -> nn.Module:
+    """Set every :class:`BatchNorm2d` under ``module`` to ``"running"`` or ``"instance"``."""
+    if mode not in BN_MODES:
+        raise ValueError(f"batch-norm mode must be one of {BN_MODES}, got {mode!r}")
+    for m in module.modules():
+        if isinstance(m, BatchNorm2d):
+            m.mode = mode
+    module.bn_mode = mode
+    return module
+
+
+class VRN(nn.Module):
+    """Volumetric Regression Network (Jackson et al., ICCV 2017), unguided.
+
+    ``forward(x)``: ``x`` ``(N, in_channels, S, S)`` float, RGB in [0, 1] ->
+    ``(N, out_depth, S, S)`` occupancy in [0, 1]. :meth:`logits` returns the same before
+    the sigmoid (for training with ``binary_cross_entropy_with_logits``).
+    """
+
+    architecture = "VRN"
+
+    def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
+        super().__init__()
+        self.config = config = config or VRNConfig()
+        f = config.features
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, f // 4, 7, stride=2, padding=3),
+            BatchNorm2d(f // 4),
+            nn.ReLU(inplace=True),
+            Residual(f // 4, f // 2),
+            nn.MaxPool2d(2),
+            Residual(f // 2, f // 2),
+            Residual(f // 2, f),
+        )
+        self.stacks = nn.ModuleList(
+            nn.Sequential(
+                Level(config.hourglass_depth, f, config.residuals_a, config.residuals_b,
+                      config.residuals_b_innermost),
+                ConvBNReLU(f, f),
+                ConvBNReLU(f, f),
+            )
+            for _ in range(config.num_stacks)
+        )
+        self.head = nn.Sequential(ConvBNReLU(f, f), nn.Conv2d(f, config.out_depth, 1))
+        set_bn_mode(self, bn_mode)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk features ``(N, features, S/4, S/4)``."""
+        self._check_input(x)
+        x = self.stem(x)
+        for stack in self.stacks:
+            x = x + stack(x)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid output ``(N, out_depth, S, S)``."""
+        y = self.head(self.features(x))
+        size = self.config.input_size
+        return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        c, s = self.config.in_channels, self.config.input_size
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            # Shapes are symbolic while exporting; only check concrete ones.
+            if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+                raise ValueError(f"{type(self).__name__} expects input (N, {c}, {s}, {s}), "
+                                 f"got {tuple(x.shape)}")
+
+
+class VRNMultitask(VRN):
+    """VRN-Multitask: one network regresses the volume and 68 landmark heatmaps.
+
+    The landmark head (``conv1x1 BN ReLU conv1x1 -> 68``) reads the trunk features after
+    the first stack, the volume head after the last. ``forward`` returns the volume
+    ``(N, out_depth, S, S)``; :meth:`forward_all` also the heatmaps ``(N, 68, S, S)``.
+    """
+
+    architecture = "VRNMultitask"
+
+    def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
+        super().__init__(config, bn_mode="running")
+        f = self.config.features
+        self.landmark_head = nn.Sequential(ConvBNReLU(f, f), nn.Conv2d(f, NUM_LANDMARKS, 1))
+        set_bn_mode(self, bn_mode)
+
+    def logits_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-sigmoid ``(volume, heatmaps)``, both at the input resolution."""
+        self._check_input(x)
+        x = self.stem(x)
+        landmark_features = None
+        for stack in self.stacks:
+            x = x + stack(x)
+            if landmark_features is None:
+                landmark_features = x
+        size = (self.config.input_size,) * 2
+        volume = F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=True)
+        heatmaps = F.interpolate(self.landmark_head(landmark_features), size=size,
+                                 mode="bilinear", align_corners=True)
+        return volume, heatmaps
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_all(x)[0]
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        volume, heatmaps = self.logits_all(x)
+        return torch.sigmoid(volume), torch.sigmoid(heatmaps)
+
+
+class VRNGuided(nn.Module):
+    """VRN-Guided: a landmark hourglass predicts 68 heatmaps, which are stacked with the
+    RGB image as the input of the reconstruction VRN (``in_channels = 3 + 68``).
+
+    ``forward(x)``: ``(N, 3, S, S)`` RGB in [0, 1] -> volume ``(N, out_depth, S, S)``;
+    :meth:`forward_all` also returns the heatmaps ``(N, 68, S, S)`` in [0, 1].
+    """
+
+    architecture = "VRNGuided"
+
+    def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running",
+                 landmark_config: VRNConfig | None = None):
+        super().__init__()
+        config = config or VRNConfig(in_channels=3 + NUM_LANDMARKS)
+        if config.in_channels != 3 + NUM_LANDMARKS:
+            raise ValueError(f"VRNGuided's reconstruction network takes 3 + {NUM_LANDMARKS} "
+                             f"input channels, got in_channels={config.in_channels}")
+        landmark_config = landmark_config or dataclasses.replace(
+            config, in_channels=3, num_stacks=1, out_depth=NUM_LANDMARKS)
+        self.landmarks = VRN(landmark_config)
+        self.reconstruction = VRN(config)
+        self.config = config
+        self.landmark_config = landmark_config
+        set_bn_mode(self, bn_mode)
+
+    def logits_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heatmap_logits = self.landmarks.logits(x)
+        guided = torch.cat([x, torch.sigmoid(heatmap_logits)], dim=1)
+        return self.reconstruction.logits(guided), heatmap_logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_all(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        volume, heatmaps = self.logits_all(x)
+        return torch.sigmoid(volume), torch.sigmoid(heatmaps)
+
+
+ARCHITECTURES = {cls.architecture: cls for cls in (VRN, VRNMultitask, VRNGuided)}
+
+
+def build_model(architecture: str = "VRN", config: VRNConfig | dict | None = None,
+                bn_mode: str = "running", landmark_config: VRNConfig | dict | None = None
+                ) -> nn.Module:
+    """Build a model by architecture name (``"VRN"``, ``"VRNMultitask"``, ``"VRNGuided"``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; "
+                         f"expected one of {sorted(ARCHITECTURES)}")
+    if isinstance(config, dict):
+        config = VRNConfig.from_dict(config)
+    if architecture == "VRNGuided":
+        if isinstance(landmark_config, dict):
+            landmark_config = VRNConfig.from_dict(landmark_config)
+        return VRNGuided(config, bn_mode=bn_mode, landmark_config=landmark_config)
+    return ARCHITECTURES[architecture](config, bn_mode=bn_mode)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (batch-norm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
