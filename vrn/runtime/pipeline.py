@@ -3,6 +3,13 @@
 ``detect`` faces -> ``crop`` each to 192x192 -> ``infer`` the volumes (one batch) ->
 ``isosurface`` (marching cubes at 0.5) -> ``colour`` (vertex colours from the crop, and
 vertices mapped from crop voxels back to photo pixels).
+
+On a GPU backend the crops are uploaded once and everything after stays on the device:
+the volumes come out of the backend as CUDA arrays, and marching cubes, the vertex
+transform and the colours run as :mod:`vrn.kernels` GPU kernels on them; only the
+finished meshes are copied to the host (at the end of the ``colour`` stage). Stage times
+on a GPU are measured after a device synchronisation, so each stage's own work is
+counted in it.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import NoFaceError
-from ..kernels import marching_cubes, transform_vertices, vertex_colors
+from ..kernels import marching_cubes_batch, to_host, transform_vertices, vertex_colors
 from .crop import box_crop_matrix, invert_affine, to_network_input, warp_crop
 from .detect import FaceBox, create_detector
 from .image_io import as_rgb_uint8
@@ -53,33 +60,47 @@ class Reconstructor:
 
     Parameters
     ----------
-    weights : path or None
-        ``.t7``, vrn-edge ``.safetensors``, or ``None`` for the package default. Ignored
+    weights_or_engine : path or None
+        ``.t7`` or vrn-edge ``.safetensors`` weights, an ``.onnx`` graph, a TensorRT
+        engine (``.engine``/``.plan``), or ``None`` for the package default. Ignored
         when ``backend`` is an already-built backend object.
-    backend : {"torch"} or Backend
-        The inference backend (see :mod:`vrn.runtime.backends`).
-    device : str
-        ``"cpu"`` or ``"cuda"``.
+    backend : {"torch", "auto", "onnxruntime", "tensorrt"} or Backend
+        The inference backend (see :func:`vrn.runtime.backends.create_backend`; ``"auto"``
+        picks the fastest available).
+    device : {"cpu", "cuda"}, optional
+        Default: CUDA when the backend can use it.
+    precision : {"fp32", "fp16", "bf16"}, optional
+        Default: fp16 on CUDA, fp32 on the CPU.
     all_faces : bool
         Reconstruct every detected face (as one batch); otherwise only the largest.
     level : float
         Isosurface level of the occupancy volume.
     yunet_model : path, optional
         A YuNet ``.onnx`` file; the detector is then ``cv2.FaceDetectorYN``.
+    detector : callable, optional
+        ``detector(image) -> list[FaceBox]``, replacing the default.
+    **backend_options
+        Passed to :func:`~vrn.runtime.backends.create_backend` (``cuda_graphs``,
+        ``provider``, ``cache_dir``).
     """
 
-    def __init__(self, weights: str | os.PathLike | None = None, *, backend="torch",
-                 device: str = "cpu", precision: str = "fp32", all_faces: bool = False,
-                 level: float = 0.5, yunet_model: str | os.PathLike | None = None,
-                 detector=None):
+    def __init__(self, weights_or_engine: str | os.PathLike | None = None, *,
+                 backend="torch", device: str | None = None, precision: str | None = None,
+                 all_faces: bool = False, level: float = 0.5,
+                 yunet_model: str | os.PathLike | None = None, detector=None,
+                 **backend_options):
         if isinstance(backend, str):
-            backend = _create_backend(backend, weights, device, precision)
+            from .backends import create_backend
+
+            backend = create_backend(backend, weights_or_engine, device=device,
+                                     precision=precision, **backend_options)
         self.backend = backend
         self.model_info = getattr(backend, "model_info", None)
         self.detector = detector or create_detector(yunet_model)
         self.all_faces = all_faces
         self.level = level
         self.z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
+        self.on_gpu = getattr(backend, "device", "cpu") == "cuda"
 
     def __call__(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None
                  ) -> FrameResult:
@@ -87,6 +108,7 @@ class Reconstructor:
         and 16-bit arrays are converted). ``boxes`` skips detection (e.g. from a tracker).
         A frame without faces gives a result with no faces."""
         timer = StageTimer()
+        sync = _synchronize_device if self.on_gpu else None
         image = as_rgb_uint8(image)
         with timer("detect"):
             if boxes is None:
@@ -96,36 +118,73 @@ class Reconstructor:
         if not boxes:
             return FrameResult([], timer.ms)
         size = self.backend.input_size
-        with timer("crop"):
+        with timer("crop", sync):
             matrices = [box_crop_matrix(box, size) for box in boxes]
             crops = np.stack([warp_crop(image, m, size) for m in matrices])
             batch = to_network_input(crops)
-        with timer("infer"):
+            if self.on_gpu:
+                batch = _upload(batch, self.backend)
+        with timer("infer", sync):
             volumes = self.backend.infer(batch)
+        with timer("isosurface", sync):
+            isosurfaces = marching_cubes_batch(volumes, level=self.level)
         meshes = []
-        for i, matrix in enumerate(matrices):
-            with timer("isosurface"):
-                vertices, faces = marching_cubes(volumes[i], level=self.level)
-            with timer("colour"):
-                colors = vertex_colors(batch[i], vertices)
-                vertices = transform_vertices(vertices, invert_affine(matrix),
-                                              z_scale=self.z_scale)
-            meshes.append(FaceMesh(vertices, faces, colors))
+        for i, (matrix, (vertices, faces)) in enumerate(zip(matrices, isosurfaces)):
+            with timer("colour", sync):
+                meshes.append(self._finish_mesh(batch[i], vertices, faces, matrix))
         faces = [FaceResult(box, mesh, matrix, crop)
                  for box, mesh, matrix, crop in zip(boxes, meshes, matrices, crops)]
         return FrameResult(faces, timer.ms)
 
+    def _finish_mesh(self, crop, vertices, faces, photo_to_crop) -> FaceMesh:
+        """Colour the crop-space mesh, map it into the photo and bring it to the host
+        (where it already is on the CPU path)."""
+        if len(faces) == 0:
+            return FaceMesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32),
+                            np.zeros((0, 3), np.uint8))
+        colors = vertex_colors(crop, vertices)
+        vertices = transform_vertices(vertices, invert_affine(photo_to_crop),
+                                      z_scale=self.z_scale)
+        vertices, faces = to_host(vertices, faces)
+        colors = colors if isinstance(colors, np.ndarray) else colors.copy_to_host()
+        return FaceMesh(vertices, faces, colors)
 
-def _create_backend(name: str, weights, device: str, precision: str):
-    from ..model import load_model
-    from .backends import TorchBackend
+    def warmup(self) -> None:
+        """Run every stage once on a blank crop, so one-off costs (JIT compilation,
+        cuDNN autotuning, CUDA-graph capture) do not land on the first real frame."""
+        size = self.backend.input_size
+        blank = np.zeros((size * 2, size * 2, 3), np.uint8)
+        self(blank, boxes=[FaceBox(size / 2, size / 2, size, size)])
 
-    if name == "torch":
-        model = load_model(weights)
-        backend = TorchBackend(model, device=device, precision=precision)
-        backend.model_info = model.info
-        return backend
-    raise ValueError(f"unknown backend {name!r}")
+
+def _synchronize_device() -> None:
+    """Wait for all work on the current CUDA device (stage timing on a GPU)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            return
+    except ImportError:
+        pass
+    from numba import cuda
+
+    cuda.synchronize()
+
+
+def _upload(batch: np.ndarray, backend):
+    """The crops as a CUDA array of the kind ``backend`` works with: a torch CUDA tensor
+    when torch has CUDA, else a numba-cuda device array."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        device = torch.device("cuda", getattr(backend, "device_id", None) or 0)
+        return torch.from_numpy(batch).pin_memory().to(device, non_blocking=True)
+    from numba import cuda
+
+    return cuda.to_device(batch)
 
 
 def reconstruct(image, weights: str | os.PathLike | None = None, *, all_faces: bool = False,

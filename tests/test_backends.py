@@ -1,0 +1,214 @@
+"""Inference backends: the factory and ``auto`` selection, ONNX Runtime on the CPU
+against torch, provider-fallback detection, the ONNX cache, and clear errors for what
+this machine cannot run."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vrn.errors import BackendUnavailableError
+from vrn.runtime import backends
+from vrn.runtime.backends import TorchBackend, choose_backend, create_backend
+
+SMALL = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
+             residuals_b_innermost=1, out_depth=8, input_size=192)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from vrn.model import VRN, VRNConfig, set_bn_mode
+
+    torch.manual_seed(3)
+    return set_bn_mode(VRN(VRNConfig(**SMALL)), "instance").eval()
+
+
+@pytest.fixture(scope="module")
+def weights(small_model, tmp_path_factory):
+    from vrn.model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("w") / "small.safetensors"
+    save_checkpoint(small_model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def ort_backend(weights, cache_dir):
+    """onnxruntime on the CPU from the checkpoint: exported once into ``cache_dir``."""
+    pytest.importorskip("onnxruntime")
+    return create_backend("onnxruntime", weights, device="cpu", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from vrn.runtime.crop import box_crop_matrix, to_network_input, warp_crop
+    from vrn.runtime.detect import FaceBox
+    from vrn.runtime.image_io import load_image, sample_image_path
+
+    image = load_image(sample_image_path())
+    boxes = [FaceBox(177, 66, 95, 95), FaceBox(150, 40, 150, 150)]
+    return to_network_input(np.stack([warp_crop(image, box_crop_matrix(b)) for b in boxes]))
+
+
+def test_onnxruntime_cpu_matches_torch(ort_backend, weights, batch):
+    reference = create_backend("torch", weights, device="cpu")
+    expected = reference.infer(batch)
+    got = ort_backend.infer(batch)
+    assert got.shape == expected.shape == (2, 8, 192, 192) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-4
+    # A torch tensor in gives NumPy out on the CPU provider, the same numbers.
+    assert np.array_equal(ort_backend.infer(torch.from_numpy(batch)), got)
+    assert ort_backend.input_size == 192 and ort_backend.out_depth == 8
+    assert ort_backend.model_info.config.out_depth == 8
+
+
+def test_onnxruntime_cpu_session_is_tuned(ort_backend):
+    import onnxruntime as ort
+
+    from vrn.runtime.backends.onnxruntime_backend import physical_cores
+
+    options = ort_backend.session.get_session_options()
+    assert options.intra_op_num_threads == physical_cores() >= 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert ort_backend.providers == ["CPUExecutionProvider"]
+    assert "CPUExecutionProvider" in ort_backend.describe()
+
+
+def test_onnx_export_is_cached(weights, cache_dir, ort_backend, monkeypatch):
+    import vrn.export.onnx_export as onnx_export
+
+    files = sorted((cache_dir / "onnx").glob("*.onnx"))
+    assert len(files) == 1
+    monkeypatch.setattr(onnx_export, "export_onnx",
+                        lambda *a, **k: pytest.fail("exported again despite the cache"))
+    again = create_backend("onnxruntime", weights, device="cpu", cache_dir=cache_dir)
+    assert again.path == files[0]
+    assert sorted((cache_dir / "onnx").glob("*")) == files  # no temporary files left
+
+
+def test_onnx_file_as_weights(ort_backend, batch):
+    direct = create_backend("auto", ort_backend.path, device="cpu")
+    assert direct.name == "onnxruntime" and "ONNX file" in direct.selection_reason
+    assert direct.model_info is not None and direct.model_info.config.out_depth == 8
+    assert np.array_equal(direct.infer(batch[:1]), ort_backend.infer(batch[:1]))
+
+
+def test_silent_provider_fallback_is_an_error(ort_backend, monkeypatch):
+    """onnxruntime lists CUDA yet loads only the CPU provider: we must say so."""
+    import onnxruntime as ort
+
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    real = ort.InferenceSession
+
+    class FallingBack(real):
+        def __init__(self, path, options=None, providers=None, **kw):
+            super().__init__(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    with pytest.raises(BackendUnavailableError, match="asked for CUDAExecutionProvider but "
+                                                       "the session loaded"):
+        OnnxRuntimeBackend(ort_backend.path, provider="cuda")
+
+
+def test_missing_provider_and_bad_files(ort_backend, tmp_path):
+    from vrn.errors import VRNError
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    with pytest.raises(BackendUnavailableError, match="TensorrtExecutionProvider is not"):
+        OnnxRuntimeBackend(ort_backend.path, provider="tensorrt")
+    with pytest.raises(VRNError, match="ONNX file not found"):
+        OnnxRuntimeBackend(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x01junk")
+    with pytest.raises(VRNError, match="junk.onnx"):
+        OnnxRuntimeBackend(tmp_path / "junk.onnx")
+    with pytest.raises(ValueError, match="provider must be one of"):
+        OnnxRuntimeBackend(ort_backend.path, provider="metal")
+    with pytest.raises(ValueError, match=r"batch must be \(N, 3, 192, 192\)"):
+        ort_backend.infer(np.zeros((1, 3, 96, 96), np.float32))
+
+
+def _machine(monkeypatch, *, torch_cuda=False, gpu=False, tensorrt=False, ort=True):
+    monkeypatch.setattr(backends, "torch_cuda_available", lambda: torch_cuda)
+    monkeypatch.setattr(backends, "cuda_available", lambda: gpu or torch_cuda)
+    monkeypatch.setattr(backends, "onnxruntime_providers",
+                        lambda: ["CPUExecutionProvider"] if ort else [])
+    real = backends._has_module
+    monkeypatch.setattr(backends, "_has_module",
+                        lambda name: tensorrt if name == "tensorrt" else real(name))
+
+
+def test_auto_picks_the_fastest_available(monkeypatch):
+    _machine(monkeypatch, torch_cuda=True, tensorrt=True)
+    choice = choose_backend(engine="vrn.engine")
+    assert choice.name == "tensorrt" and "engine" in choice.reason
+    choice = choose_backend()
+    assert (choice.name, choice.device, choice.precision) == ("torch", "cuda", "fp16")
+    _machine(monkeypatch, gpu=False, ort=True)
+    choice = choose_backend()
+    assert (choice.name, choice.device, choice.precision) == ("onnxruntime", "cpu", "fp32")
+    assert "faster than eager torch" in choice.reason
+    _machine(monkeypatch, gpu=False, ort=False)
+    assert (choose_backend().name, choose_backend().device) == ("torch", "cpu")
+    with pytest.raises(BackendUnavailableError, match="tensorrt package is not installed"):
+        choose_backend(engine="vrn.engine")
+    _machine(monkeypatch, gpu=False, tensorrt=True)
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        choose_backend(engine="vrn.engine")
+
+
+def test_auto_on_this_machine(weights, cache_dir, ort_backend):
+    backend = create_backend("auto", weights, cache_dir=cache_dir)
+    expected = choose_backend(weights=weights)
+    assert (backend.name, backend.device) == (expected.name, expected.device)
+    assert backend.selection_reason == expected.reason
+
+
+def test_factory_rejects_bad_requests(weights, tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        create_backend("openvino", weights)
+    with pytest.raises(ValueError, match="either weights or an engine"):
+        create_backend("auto", weights, engine=tmp_path / "x.engine")
+    with pytest.raises(ValueError, match="runs only on the tensorrt backend"):
+        create_backend("torch", engine=tmp_path / "x.engine")
+    with pytest.raises(ValueError, match="needs --engine"):
+        create_backend("tensorrt", weights)
+
+
+def test_tensorrt_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not available"):
+        create_backend("tensorrt", engine=tmp_path / "vrn.engine")
+
+
+def test_torch_backend_options(small_model, batch):
+    cpu = TorchBackend(small_model, device="cpu")
+    volume = cpu.infer(batch[:1])
+    assert volume.shape == (1, 8, 192, 192) and volume.dtype == np.float32
+    tensor = cpu.infer(torch.from_numpy(batch[:1]))
+    assert isinstance(tensor, torch.Tensor) and torch.equal(tensor, torch.from_numpy(volume))
+    assert isinstance(cpu.infer(torch.from_numpy(batch[:1]), on_device=False), np.ndarray)
+    bf16 = TorchBackend(small_model, device="cpu", precision="bf16").infer(batch[:1])
+    assert bf16.dtype == np.float32
+    assert np.mean((bf16 > 0.5) == (volume > 0.5)) > 0.95
+    with pytest.raises(BackendUnavailableError, match="fp16 needs CUDA"):
+        TorchBackend(small_model, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        TorchBackend(small_model, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TorchBackend(small_model, precision="int4")
+    with pytest.raises(ValueError, match="batch must be"):
+        cpu.infer(np.zeros((3, 192, 192), np.float32))
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA requested"):
+            TorchBackend(small_model, device="cuda")

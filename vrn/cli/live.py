@@ -1,0 +1,120 @@
+"""``vrn-live``: a camera (or video, or stream) in, its faces reconstructed in 3D live.
+
+Shows the shaded surface over each face, a side view of the mesh and a HUD with FPS and
+per-stage milliseconds (keys: ``q`` quit, ``s`` save the current mesh, ``v`` switch
+view), or with ``--headless`` prints a stats line every few seconds. Always ends with a
+summary: frames, FPS and per-stage p50/p90/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import VRNError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vrn-live",
+        description="Live 3D face reconstruction with VRN from a camera, video file or "
+                    "stream URL.")
+    p.add_argument("--source", default="0", metavar="0|VIDEO|URL",
+                   help="camera index, video file or stream URL (default: camera 0)")
+    p.add_argument("--backend", default="auto",
+                   choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="inference backend (default: auto, the fastest available here)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", metavar="PATH",
+                         help=".t7, .safetensors or .onnx weights (default: the package's "
+                              "default model)")
+    weights.add_argument("--engine", metavar="PATH", help="a TensorRT engine (vrn-export)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="run the backend here (default: CUDA when the backend can use it)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                   help="compute precision (default: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--headless", action="store_true",
+                   help="no window: print a stats line periodically (for SSH sessions)")
+    p.add_argument("--max-frames", type=int, metavar="N",
+                   help="stop after N processed frames")
+    p.add_argument("--record", metavar="OUT.mp4",
+                   help="record the display (overlay, side view, HUD) to a video file")
+    p.add_argument("--record-fps", type=float, metavar="FPS",
+                   help="frame rate of the recording (default: the source's, else 15)")
+    p.add_argument("--save-meshes", metavar="DIR",
+                   help="write every frame's meshes to DIR as frame_<index>.ply")
+    p.add_argument("--detect-every", type=int, default=5, metavar="K",
+                   help="run the face detector every K frames, track in between (default 5)")
+    p.add_argument("--all-faces", action="store_true",
+                   help="reconstruct every face (as one batch), not only the largest")
+    p.add_argument("--yunet", metavar="MODEL.onnx",
+                   help="detect faces with this YuNet model instead of the Haar cascades")
+    p.add_argument("--stats-json", metavar="PATH",
+                   help="write the summary and per-frame records (boxes, mesh sizes, ms)")
+    p.add_argument("--stats-interval", type=float, default=2.0, metavar="S",
+                   help="seconds between headless stats lines (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.detect_every < 1:
+        print("vrn-live: --detect-every must be >= 1", file=sys.stderr)
+        return 2
+    if args.max_frames is not None and args.max_frames < 1:
+        print("vrn-live: --max-frames must be >= 1", file=sys.stderr)
+        return 2
+
+    from ..runtime.capture import FrameGrabber
+    from ..runtime.live import check_display, format_summary, run_live
+    from ..runtime.pipeline import Reconstructor
+
+    try:
+        if not args.headless:
+            check_display()
+        grabber = FrameGrabber(args.source, start=False)  # a bad source fails before loading
+    except VRNError as exc:
+        print(f"vrn-live: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(f"preparing the {args.backend} backend (the first onnxruntime run of new "
+              "weights exports them to ONNX once; this can take a minute)", flush=True)
+        try:
+            reconstructor = Reconstructor(args.engine or args.weights, backend=args.backend,
+                                          device=args.device, precision=args.precision,
+                                          all_faces=args.all_faces, yunet_model=args.yunet)
+        except (VRNError, ValueError) as exc:
+            print(f"vrn-live: {exc}", file=sys.stderr)
+            return 2
+        backend = reconstructor.backend
+        print(f"backend: {backend.describe()} [{getattr(backend, 'selection_reason', '')}]",
+              flush=True)
+        info = reconstructor.model_info
+        if info is not None:
+            print(f"model: {info.architecture}, batch norm {info.bn_mode}; {info.provenance}")
+            if not info.trained:
+                print("WARNING: these weights are NOT trained (seeded random initialisation): "
+                      "the meshes show the pipeline working, not a face.")
+        reconstructor.warmup()
+        grabber.start()
+        summary = run_live(reconstructor, grabber, detect_every=args.detect_every,
+                           headless=args.headless, max_frames=args.max_frames,
+                           record=args.record, record_fps=args.record_fps,
+                           save_meshes=args.save_meshes, stats_json=args.stats_json,
+                           stats_interval_s=args.stats_interval)
+    except VRNError as exc:
+        print(f"vrn-live: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vrn-live: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        grabber.stop()
+    print(format_summary(summary), flush=True)
+    if summary.get("record"):
+        print(f"recording: {summary['record']} ({summary['recorded_frames']} frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""ONNX Runtime backend: the exported graph on the TensorRT, CUDA or CPU execution
+provider.
+
+onnxruntime falls back to the CPU without an error when a GPU provider cannot load
+(onnxruntime-gpu missing, CUDA or TensorRT libraries not found), so after creating the
+session we read ``session.get_providers()`` and raise
+:class:`~vrn.errors.BackendUnavailableError` when the provider asked for is not the one
+that loaded. :meth:`OnnxRuntimeBackend.describe` names the provider actually in use.
+
+On the GPU, inputs and outputs are bound to CUDA memory (IO binding, with torch CUDA
+tensors or numba-cuda device arrays as the buffers) so the volume stays on the device.
+On the CPU the session uses one intra-op thread per physical core and every graph
+optimisation.
+
+A backend is made from an ``.onnx`` file, or from weights with :meth:`from_weights`,
+which exports the model once into a cache folder (keyed by a hash of the weights) with
+:func:`vrn.export.onnx_export.export_onnx`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BackendUnavailableError, VRNError
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+CACHE_ENV = "VRN_CACHE_DIR"
+EXPORT_MAX_BATCH = 4
+
+
+def default_cache_dir() -> Path:
+    """``$VRN_CACHE_DIR``, else ``$XDG_CACHE_HOME/vrn-edge``, else ``~/.cache/vrn-edge``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vrn-edge"
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (hyper-threads not counted)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = None
+    try:
+        pairs, physical_id = set(), "0"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    pairs.add((physical_id, value.strip()))
+        cores = len(pairs) or None
+    except OSError:
+        pass
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, allowed) if allowed else cores)
+
+
+class OnnxRuntimeBackend:
+    """An ``onnxruntime.InferenceSession`` over a VRN graph (one input ``(N, 3, S, S)``,
+    one output ``(N, D, S, S)``, as :mod:`vrn.export.onnx_export` writes them).
+
+    Parameters
+    ----------
+    onnx_path : path
+        The graph (fp32, or fp16 inside with fp32 inputs and outputs).
+    provider : {"cpu", "cuda", "tensorrt"}
+        Execution provider to run on; CPU is registered after it for ops the GPU
+        provider lacks. The session fails with :class:`BackendUnavailableError` when
+        onnxruntime loads another provider instead.
+    device_id : int
+        CUDA device for the GPU providers.
+    threads : int, optional
+        CPU intra-op threads; default: physical cores.
+    model_info : ModelInfo, optional
+        What the graph's weights are; read from the file's metadata when absent.
+    cache_dir : path, optional
+        Where the TensorRT provider caches its engines (default: under
+        :func:`default_cache_dir`).
+    fp16 : bool
+        Let the TensorRT provider build fp16 kernels (``trt_fp16_enable``).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, *, provider: str = "cpu",
+                 device_id: int = 0, threads: int | None = None, model_info=None,
+                 cache_dir: str | os.PathLike | None = None, fp16: bool = False):
+        ort = _import_onnxruntime()
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise VRNError(f"{path}: ONNX file not found")
+        self.path = path
+        self.provider = provider
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self.device_id = device_id
+        self._ort = ort
+        wanted = check_provider(provider)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only; provider fallbacks are checked below
+        self.threads = threads or physical_cores()
+        if provider == "cpu":
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._stream = None
+        graph = _GraphFacts(path)
+        providers = self._provider_list(provider, device_id, cache_dir, fp16, graph)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise VRNError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
+        self.providers = self.session.get_providers()
+        if self.providers[0] != wanted:
+            raise BackendUnavailableError(
+                f"onnxruntime backend: asked for {wanted} but the session loaded "
+                f"{self.providers} (onnxruntime falls back silently; check the CUDA/"
+                "TensorRT libraries)")
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise VRNError(f"{path}: expected a graph with one input and one output, got "
+                           f"{len(inputs)} and {len(outputs)}")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        in_shape, out_shape = inputs[0].shape, outputs[0].shape
+        if len(in_shape) != 4 or in_shape[1] != 3 or not isinstance(in_shape[2], int):
+            raise VRNError(f"{path}: graph input {self.input_name!r} has shape {in_shape}, "
+                           "expected (N, 3, S, S)")
+        if len(out_shape) != 4 or not isinstance(out_shape[1], int):
+            raise VRNError(f"{path}: graph output {self.output_name!r} has shape "
+                           f"{out_shape}, expected (N, D, S, S)")
+        self.input_size = int(in_shape[2])
+        self.out_depth = int(out_shape[1])
+        self.static_batch = in_shape[0] if isinstance(in_shape[0], int) else None
+        self.precision = "fp16" if fp16 or graph.fp16 else "fp32"
+        self.model_info = model_info if model_info is not None else graph.model_info()
+
+    def _provider_list(self, provider, device_id, cache_dir, fp16, graph) -> list:
+        if provider == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        torch = _torch_cuda()
+        if torch is not None:
+            # ORT treats stream 0 as "none": give it a stream of its own that torch
+            # also knows, so the bound tensors are ordered with it.
+            self._stream = torch.cuda.Stream(device=device_id)
+            cuda.update(has_user_compute_stream="1",
+                        user_compute_stream=str(self._stream.cuda_stream))
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        if provider == "tensorrt":
+            cache = (Path(cache_dir) if cache_dir else default_cache_dir()) / "ort-tensorrt"
+            cache.mkdir(parents=True, exist_ok=True)
+            trt = {"device_id": str(device_id), "trt_fp16_enable": "1" if fp16 else "0",
+                   "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
+                   "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
+            if graph.dynamic_batch:
+                shape = f"x3x{graph.input_size}x{graph.input_size}"
+                trt.update(trt_profile_min_shapes=f"{graph.input_name}:1{shape}",
+                           trt_profile_opt_shapes=f"{graph.input_name}:1{shape}",
+                           trt_profile_max_shapes=f"{graph.input_name}:{EXPORT_MAX_BATCH}{shape}")
+            if self._stream is not None:
+                trt.update(has_user_compute_stream="1",
+                           user_compute_stream=str(self._stream.cuda_stream))
+            providers.insert(0, ("TensorrtExecutionProvider", trt))
+        return providers
+
+    def infer(self, batch, *, on_device: bool | None = None):
+        """Occupancy volumes of a batch of crops.
+
+        Parameters
+        ----------
+        batch : (N, 3, S, S) float32 ndarray, or a CUDA array on a GPU provider
+            RGB in [0, 1].
+        on_device : bool, optional
+            GPU providers: return a CUDA array (a torch tensor when torch has CUDA, else
+            a numba device array) or a NumPy array. Default: the same kind as ``batch``.
+            Ignored on the CPU.
+
+        Returns
+        -------
+        (N, D, S, S) float32 ndarray or torch CUDA tensor, ``(D, H, W)`` per image.
+        """
+        as_numpy = isinstance(batch, np.ndarray)
+        shape = tuple(batch.shape)
+        if len(shape) != 4 or shape[1:] != (3, self.input_size, self.input_size):
+            raise ValueError(f"batch must be (N, 3, {self.input_size}, {self.input_size}), "
+                             f"got {shape}")
+        if self.device == "cpu":
+            if not as_numpy:
+                batch = batch.detach().cpu().numpy()
+            x = np.ascontiguousarray(batch, dtype=np.float32)
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        if on_device is None:
+            on_device = not as_numpy
+        return self._infer_bound(batch, on_device)
+
+    def _infer_bound(self, batch, on_device: bool):
+        """GPU providers: IO binding on CUDA memory, torch tensors as the buffers when
+        torch has CUDA, else numba-cuda device arrays."""
+        binding = self.session.io_binding()
+        torch = _torch_cuda()
+        if torch is None:
+            return self._infer_bound_numba(binding, batch, on_device)
+        device = torch.device("cuda", self.device_id)
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
+        x = x.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+        y = torch.empty((x.shape[0], self.out_depth, self.input_size, self.input_size),
+                        dtype=torch.float32, device=device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        self._bind(binding, x.data_ptr(), tuple(x.shape), y.data_ptr(), tuple(y.shape))
+        self.session.run_with_iobinding(binding)  # returns once the stream is done
+        torch.cuda.current_stream(device).wait_stream(self._stream)
+        return y if on_device else y.cpu().numpy()
+
+    def _infer_bound_numba(self, binding, batch, on_device: bool):
+        from numba import cuda
+
+        if cuda.is_cuda_array(batch):
+            x = cuda.as_cuda_array(batch)
+            if x.dtype != np.float32 or not x.is_c_contiguous():
+                raise ValueError("onnxruntime backend: a CUDA batch must be C-contiguous "
+                                 "float32")
+        else:
+            x = cuda.to_device(np.ascontiguousarray(batch, dtype=np.float32))
+        y = cuda.device_array((x.shape[0], self.out_depth, self.input_size, self.input_size),
+                              dtype=np.float32)
+        self._bind(binding, _pointer(x), tuple(x.shape), _pointer(y), tuple(y.shape))
+        self.session.run_with_iobinding(binding)  # synchronises its stream at the end
+        return y if on_device else y.copy_to_host()
+
+    def _bind(self, binding, x_ptr: int, x_shape, y_ptr: int, y_shape) -> None:
+        binding.bind_input(self.input_name, "cuda", self.device_id, np.float32, x_shape, x_ptr)
+        binding.bind_output(self.output_name, "cuda", self.device_id, np.float32, y_shape,
+                            y_ptr)
+
+    def synchronize(self) -> None:
+        """Run blocks until its outputs are ready; nothing is left to wait for."""
+
+    def describe(self) -> str:
+        extra = f", {self.threads} threads" if self.device == "cpu" else ", IO binding"
+        return (f"onnxruntime {self._ort.__version__} ({self.providers[0]}, "
+                f"{self.precision}{extra}; {self.path.name})")
+
+    @classmethod
+    def from_weights(cls, weights: str | os.PathLike | None = None, *,
+                     precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
+                     **kwargs) -> "OnnxRuntimeBackend":
+        """Export ``weights`` (see :func:`vrn.model.load_model`) to ONNX once, into
+        ``cache_dir/onnx/``, and open that; later calls with the same weights reuse the
+        file. ``precision="fp16"`` uses the fp16 graph (:mod:`vrn.export.fp16`; GPU
+        providers only)."""
+        from ...model import load_model
+
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"onnxruntime precision must be fp32 or fp16, got {precision!r}")
+        if precision == "fp16" and kwargs.get("provider", "cpu") == "cpu":
+            raise BackendUnavailableError("onnxruntime backend: fp16 runs on the GPU "
+                                          "providers; use fp32 on the CPU")
+        check_provider(kwargs.get("provider", "cpu"))  # before a minute of exporting
+        model = load_model(weights)
+        path = cached_onnx(model, cache_dir, fp16=precision == "fp16")
+        return cls(path, model_info=model.info, cache_dir=cache_dir, **kwargs)
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime backend: the onnxruntime package is not "
+                                      "installed (pip install onnxruntime, or "
+                                      "onnxruntime-gpu for the GPU providers)") from None
+    return onnxruntime
+
+
+def check_provider(provider: str) -> str:
+    """The execution provider's full name, once it is known to be in this onnxruntime
+    build; :class:`BackendUnavailableError` otherwise. (Being listed does not mean it
+    will load: the session checks that.)"""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+    ort = _import_onnxruntime()
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[provider]
+    if wanted not in available:
+        raise BackendUnavailableError(
+            f"onnxruntime backend: {wanted} is not in this onnxruntime build "
+            f"({ort.__version__}: {', '.join(available)})"
+            + ("; install onnxruntime-gpu" if provider != "cpu" else ""))
+    return wanted
+
+
+def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
+                max_batch: int = EXPORT_MAX_BATCH, fp16: bool = False) -> Path:
+    """The ONNX export of ``model`` in the cache, exported now if missing (atomically,
+    so concurrent or interrupted exports never leave a partial file). The file name is a
+    hash of the weights, the model description and the export settings; ``fp16`` gives
+    the fp16 conversion of that file."""
+    from ...export.onnx_export import DEFAULT_OPSET, export_onnx
+    from ...model import model_info
+
+    info = model_info(model)
+    key = hashlib.sha256()
+    meta = info.to_metadata()
+    key.update(json.dumps({"meta": meta, "max_batch": max_batch, "opset": DEFAULT_OPSET},
+                          sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        key.update(name.encode())
+        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"vrn-{key.hexdigest()[:20]}.onnx"
+    if not path.is_file():
+        export_onnx(model, path, max_batch=max_batch, metadata=meta)
+    if not fp16:
+        return path
+    from ...export.fp16 import export_fp16
+
+    half = path.with_name(f"{path.stem}-fp16.onnx")
+    if not half.is_file():
+        export_fp16(path, half)
+    return half
+
+
+class _GraphFacts:
+    """What the session set-up needs from the file, read once without the weights'
+    external data: input name and size, whether the batch is dynamic, whether the graph
+    computes in fp16, and its metadata."""
+
+    def __init__(self, path: Path):
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf decode errors have no common base class
+            raise VRNError(f"{path}: not a readable ONNX file ({exc})") from None
+        if len(proto.graph.input) < 1:
+            raise VRNError(f"{path}: the graph has no input")
+        value = proto.graph.input[0]
+        dims = value.type.tensor_type.shape.dim
+        self.input_name = value.name
+        self.input_size = dims[2].dim_value if len(dims) == 4 else 0
+        self.dynamic_batch = len(dims) == 4 and bool(dims[0].dim_param)
+        self.fp16 = any(t.data_type == onnx.TensorProto.FLOAT16
+                        for t in proto.graph.initializer)
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+
+    def model_info(self):
+        """The :class:`~vrn.model.ModelInfo` stored in the metadata, if any."""
+        from ...model import ModelInfo
+
+        if "architecture" not in self.metadata or "config" not in self.metadata:
+            return None
+        try:
+            return ModelInfo.from_metadata(self.metadata)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+
+def _pointer(array) -> int:
+    """Device address of a CUDA array (``__cuda_array_interface__``)."""
+    return int(array.__cuda_array_interface__["data"][0])
+
+
+def _torch_cuda():
+    """The torch module when it has CUDA, else ``None``."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None

@@ -1,0 +1,428 @@
+"""The live loop: capture -> pipeline -> display, three stages on their own threads,
+joined by bounded queues.
+
+- **capture** (:class:`~vrn.runtime.capture.FrameGrabber`): a one-frame slot; a live
+  source drops frames the pipeline is too slow for, a video file is read frame by frame.
+- **pipeline** (a worker thread): face boxes from :class:`~vrn.runtime.tracking.FaceTracker`
+  (detection every K frames, smoothed tracks in between), then the
+  :class:`~vrn.runtime.pipeline.Reconstructor` on those boxes. Results go into a queue
+  of :data:`RESULT_QUEUE_SIZE` items; the worker waits when it is full.
+- **display** (the calling thread, since GUI toolkits want the main thread): the shaded
+  surface over the face, a side view of the mesh and a HUD (FPS, per-stage ms), or, with
+  ``headless``, a periodic stats line. It also writes the recording and the meshes.
+
+Frames without a face pass through unchanged. ``q``/Esc or Ctrl-C end the loop cleanly:
+the threads stop, the recording is finalised (written under a temporary name and renamed
+at the end, so the final name only ever holds a playable file) and a summary is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import cv2
+import numpy as np
+
+from ..atomic import atomic_path, write_text_atomic
+from ..errors import VRNError
+from .capture import Frame, FrameGrabber
+from .mesh import save_mesh
+from .tracking import FaceTracker, Track
+
+RESULT_QUEUE_SIZE = 2
+VIEWS = ("overlay", "textured", "camera")  # the main panel; `v` cycles through them
+PERCENTILES = (50, 90, 99)
+SIDE_PANEL_MIN = 160
+_END = object()
+
+
+@dataclass
+class LiveFrame:
+    """One processed frame, as the pipeline stage hands it to the display stage.
+
+    ``result`` is the :class:`~vrn.runtime.pipeline.FrameResult` (faces empty when none
+    were found); ``timings_ms`` holds the pipeline's stages with ``detect`` replaced by
+    the tracker's time (detection on detection frames, prediction only in between).
+    """
+
+    frame: Frame
+    result: object
+    tracks: list[Track]
+    detected: bool
+    timings_ms: dict[str, float]
+    done_at: float = 0.0
+
+
+@dataclass
+class LiveStats:
+    """Frame counts and per-stage milliseconds of a run."""
+
+    frames: int = 0
+    frames_with_faces: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+    first_done_at: float | None = None
+    last_done_at: float | None = None
+    stage_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    records: list[dict] | None = None
+
+    def add(self, item: LiveFrame, extra_ms: dict[str, float] | None = None) -> None:
+        self.frames += 1
+        self.frames_with_faces += bool(item.result.faces)
+        if self.first_done_at is None:
+            self.first_done_at = item.done_at
+        self.last_done_at = item.done_at
+        timings = dict(item.timings_ms)
+        timings.update(extra_ms or {})
+        timings["latency"] = (item.done_at - item.frame.timestamp) * 1e3
+        for stage, ms in timings.items():
+            self.stage_ms[stage].append(ms)
+        if self.records is not None:
+            self.records.append({
+                "index": item.frame.index,
+                "detected": item.detected,
+                "faces": [{"track": t.id, "box": [round(float(v), 2) for v in f.box.as_array()],
+                           "vertices": int(len(f.mesh.vertices)),
+                           "triangles": int(len(f.mesh.faces))}
+                          for t, f in zip(item.tracks, item.result.faces)],
+                "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+            })
+
+    @property
+    def fps(self) -> float:
+        """Steady-state frames per second: frames after the first over the time since the
+        first was done (the first frame carries one-off start-up costs)."""
+        if self.frames < 2 or self.last_done_at is None:
+            return 0.0
+        span = self.last_done_at - self.first_done_at
+        return (self.frames - 1) / span if span > 0 else 0.0
+
+    def recent_ms(self, stage: str, last: int = 30) -> float:
+        values = self.stage_ms.get(stage, [])[-last:]
+        return float(np.mean(values)) if values else 0.0
+
+    def line(self, dropped: int = 0) -> str:
+        """One stats line for the console."""
+        stages = " ".join(f"{s} {self.recent_ms(s):.1f}" for s in self.stage_ms
+                          if s not in ("latency", "total"))
+        return (f"[vrn-live] frame {self.frames} | {self.fps:.2f} fps | faces in "
+                f"{self.frames_with_faces} | {stages} ms | dropped {dropped}")
+
+    def summary(self, **extra) -> dict:
+        """Counts, FPS and per-stage percentiles (ms) as a JSON-ready dict."""
+        stages = {stage: {f"p{q}": round(float(np.percentile(values, q)), 3)
+                          for q in PERCENTILES} | {"mean": round(float(np.mean(values)), 3)}
+                  for stage, values in self.stage_ms.items() if values}
+        return {"frames": self.frames, "frames_with_faces": self.frames_with_faces,
+                "fps": round(self.fps, 3),
+                "wall_s": round(time.perf_counter() - self.started_at, 3),
+                "stages_ms": stages, **extra}
+
+
+def format_summary(summary: dict) -> str:
+    """The final summary as a small table."""
+    lines = [f"[vrn-live] {summary['frames']} frames ({summary['frames_with_faces']} with a "
+             f"face, {summary.get('dropped', 0)} dropped by capture) in "
+             f"{summary['wall_s']:.1f} s: {summary['fps']:.2f} FPS; ended: "
+             f"{summary.get('ended', '?')}"]
+    if summary["stages_ms"]:
+        lines.append(f"  {'stage (ms)':<12}" + "".join(f"{f'p{q}':>9}" for q in PERCENTILES))
+        for stage, values in summary["stages_ms"].items():
+            lines.append(f"  {stage:<12}" + "".join(f"{values[f'p{q}']:>9.1f}"
+                                                     for q in PERCENTILES))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def compose_view(image: np.ndarray, item: LiveFrame | None, *, view: str = "overlay",
+                 hud: list[str] | None = None) -> np.ndarray:
+    """The display canvas ``(H, W + H, 3)`` uint8 RGB: the main panel (``view``) with the
+    face boxes and HUD lines, and a side view of the first face's mesh."""
+    from .render import overlay, side_view
+
+    h = image.shape[0]
+    meshes = [f.mesh for f in item.result.faces if not f.mesh.is_empty] if item else []
+    if view == "camera" or not meshes:
+        main = image.copy()
+    else:
+        main = overlay(image, meshes, colored=view == "textured")
+    if item is not None:
+        for face in item.result.faces:
+            x, y, w, bh = (int(round(v)) for v in face.box.as_array())
+            cv2.rectangle(main, (x, y), (x + w, y + bh), (80, 220, 80), 1, cv2.LINE_AA)
+    side_size = max(h, SIDE_PANEL_MIN)
+    if meshes:
+        side = side_view(meshes[0], size=side_size)
+    else:
+        side = np.full((side_size, side_size, 3), 32, np.uint8)
+        cv2.putText(side, "no face", (10, side_size // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (200, 200, 200), 1, cv2.LINE_AA)
+    if side_size != h:
+        side = cv2.resize(side, (h, h), interpolation=cv2.INTER_AREA)
+    for i, text in enumerate(hud or []):
+        org = (8, 20 + 20 * i)
+        cv2.putText(main, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(main, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    return np.concatenate([main, side], axis=1)
+
+
+_HUD_LABELS = {"detect": "det", "crop": "crop", "infer": "net", "isosurface": "iso",
+               "colour": "col", "render": "draw"}
+
+
+def hud_lines(stats: LiveStats, view: str, faces: int) -> list[str]:
+    """The two HUD lines: FPS, faces, view and keys; recent per-stage milliseconds."""
+    stages = " ".join(f"{label} {stats.recent_ms(stage):.0f}"
+                      for stage, label in _HUD_LABELS.items() if stage in stats.stage_ms)
+    return [f"{stats.fps:.1f} FPS  faces {faces}  view {view}  (q quit, s save, v view)",
+            f"{stages} ms"]
+
+
+# ------------------------------------------------------------------------------ stages
+
+class _PipelineWorker(threading.Thread):
+    """Takes frames from the grabber, runs tracker + reconstructor, queues results."""
+
+    def __init__(self, grabber: FrameGrabber, tracker: FaceTracker, reconstructor,
+                 results: queue.Queue, stop: threading.Event, max_frames: int | None):
+        super().__init__(name="vrn-pipeline", daemon=True)
+        self.grabber, self.tracker, self.reconstructor = grabber, tracker, reconstructor
+        self.results, self.stop, self.max_frames = results, stop, max_frames
+        self.error: BaseException | None = None
+        self.ended = "source ended"
+
+    def run(self) -> None:
+        processed = 0
+        try:
+            while not self.stop.is_set():
+                if self.max_frames is not None and processed >= self.max_frames:
+                    self.ended = "max frames reached"
+                    break
+                frame = self.grabber.get(timeout=0.1)
+                if frame is None:
+                    if self.grabber.ended:
+                        break
+                    continue
+                self._put(self.process(frame))
+                processed += 1
+        except BaseException as exc:  # handed to the display thread, which re-raises
+            self.error = exc
+        finally:
+            self._put(_END, force=True)
+
+    def process(self, frame: Frame) -> LiveFrame:
+        start = time.perf_counter()
+        tracks, detected = self.tracker.update(frame.image)
+        track_ms = (time.perf_counter() - start) * 1e3
+        boxes = [t.box for t in tracks]
+        if not self.reconstructor.all_faces:
+            boxes, tracks = boxes[:1], tracks[:1]
+        result = self.reconstructor(frame.image, boxes=boxes)
+        timings = {"detect": track_ms}
+        timings.update({k: v for k, v in result.timings_ms.items() if k != "detect"})
+        timings["total"] = (time.perf_counter() - start) * 1e3
+        return LiveFrame(frame, result, tracks, detected, timings, time.perf_counter())
+
+    def _put(self, item, force: bool = False) -> None:
+        while True:
+            try:
+                self.results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    if not force:
+                        return
+                    with contextlib.suppress(queue.Empty):
+                        self.results.get_nowait()  # make room for the end marker
+
+
+class _Recorder:
+    """Writes canvases to a video under a temporary name; :meth:`finish` renames it."""
+
+    def __init__(self, path: Path, fps: float, stack: contextlib.ExitStack):
+        self.path, self.fps = Path(path), fps
+        self._tmp = stack.enter_context(atomic_path(self.path))
+        self._writer = None
+        self._size = None
+        self.frames = 0
+
+    def write(self, canvas: np.ndarray) -> None:
+        h, w = canvas.shape[:2]
+        if self._writer is None:
+            self._size = (w, h)
+            fourcc = cv2.VideoWriter_fourcc(*("mp4v" if self.path.suffix.lower() == ".mp4"
+                                              else "MJPG"))
+            self._writer = cv2.VideoWriter(str(self._tmp), fourcc, self.fps, self._size)
+            if not self._writer.isOpened():
+                raise VRNError(f"{self.path}: cannot open a video writer for this file type")
+        if (w, h) != self._size:
+            canvas = cv2.resize(canvas, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def finish(self) -> None:
+        """Close the file (called before the rename that the ExitStack performs)."""
+        if self._writer is not None:
+            self._writer.release()
+
+
+def check_display() -> None:
+    """Raise :class:`VRNError` when no window can be shown here (e.g. over SSH)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        raise VRNError("no display available (DISPLAY is not set); use --headless")
+
+
+class _Display:
+    """An OpenCV window; keys are returned lower-cased (``""`` when none)."""
+
+    TITLE = "vrn-live"
+
+    def __init__(self):
+        check_display()
+        try:
+            cv2.namedWindow(self.TITLE, cv2.WINDOW_NORMAL)
+        except cv2.error as exc:
+            raise VRNError(f"cannot open a window ({exc.err}); use --headless") from None
+
+    def show(self, canvas: np.ndarray) -> str:
+        cv2.imshow(self.TITLE, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        key = cv2.waitKey(1) & 0xFF
+        if key == 27:
+            return "q"
+        return chr(key).lower() if 0 < key < 128 else ""
+
+    def close(self) -> None:
+        with contextlib.suppress(cv2.error):
+            cv2.destroyWindow(self.TITLE)
+            cv2.waitKey(1)
+
+
+# -------------------------------------------------------------------------------- loop
+
+def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
+             headless: bool = False, max_frames: int | None = None,
+             record: str | os.PathLike | None = None, record_fps: float | None = None,
+             save_meshes: str | os.PathLike | None = None,
+             stats_json: str | os.PathLike | None = None, stats_interval_s: float = 2.0,
+             out: TextIO | None = None) -> dict:
+    """Run the live loop until the source ends, ``max_frames`` are processed, or the user
+    quits (``q``, Esc, Ctrl-C). Returns the summary (see :meth:`LiveStats.summary`).
+
+    Parameters
+    ----------
+    reconstructor : Reconstructor
+        Its detector feeds the tracker; ``all_faces`` decides one face or all.
+    grabber : FrameGrabber
+        The started capture; stopped on return.
+    detect_every : int
+        Run the face detector every K frames; tracks are predicted and smoothed between.
+    headless : bool
+        No window: print a stats line every ``stats_interval_s`` seconds.
+    max_frames : int, optional
+        Stop after this many processed frames.
+    record : path, optional
+        Write the display canvas to this video (``.mp4``: mp4v, else MJPG) at
+        ``record_fps`` (default: the source's rate, else 15).
+    save_meshes : path, optional
+        Write each frame's meshes as ``frame_<index>[_face<i>].ply`` into this folder
+        (and the ``s`` key's snapshots as ``.obj``).
+    stats_json : path, optional
+        Write the summary plus one record per frame (boxes, mesh sizes, timings).
+    """
+    out = out or sys.stdout
+    mesh_dir = Path(save_meshes) if save_meshes else None
+    if mesh_dir is not None:
+        mesh_dir.mkdir(parents=True, exist_ok=True)
+    tracker = FaceTracker(reconstructor.detector, detect_every=detect_every)
+    stats = LiveStats(records=[] if stats_json else None)
+    results: queue.Queue = queue.Queue(maxsize=RESULT_QUEUE_SIZE)
+    stop = threading.Event()
+    worker = _PipelineWorker(grabber, tracker, reconstructor, results, stop, max_frames)
+    display = None if headless else _Display()
+    ended = "source ended"
+    view = VIEWS[0]
+    last_print = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        recorder = (_Recorder(record, record_fps or grabber.fps or 15.0, stack)
+                    if record else None)
+        worker.start()
+        try:
+            while True:
+                try:
+                    item = results.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    ended = worker.ended
+                    break
+                extra = {}
+                canvas = None
+                if display is not None or recorder is not None:
+                    start = time.perf_counter()
+                    canvas = compose_view(item.frame.image, item, view=view,
+                                          hud=hud_lines(stats, view, len(item.result.faces)))
+                    extra["render"] = (time.perf_counter() - start) * 1e3
+                stats.add(item, extra)
+                if recorder is not None:
+                    recorder.write(canvas)
+                if mesh_dir is not None:
+                    _save_frame_meshes(item, mesh_dir, "ply")
+                if display is not None:
+                    key = display.show(canvas)
+                    if key == "q":
+                        ended = "user quit"
+                        break
+                    if key == "v":
+                        view = VIEWS[(VIEWS.index(view) + 1) % len(VIEWS)]
+                    elif key == "s":
+                        saved = _save_frame_meshes(item, mesh_dir or Path.cwd(), "obj")
+                        names = ", ".join(map(str, saved)) or "nothing (no face)"
+                        print(f"[vrn-live] saved {names}", file=out, flush=True)
+                now = time.perf_counter()
+                if headless and now - last_print >= stats_interval_s:
+                    print(stats.line(grabber.frames_dropped), file=out, flush=True)
+                    last_print = now
+        except KeyboardInterrupt:
+            ended = "interrupted"
+        finally:
+            stop.set()
+            grabber.stop()
+            worker.join(timeout=10.0)
+            if display is not None:
+                display.close()
+            if recorder is not None:
+                recorder.finish()
+    if worker.error is not None:  # after the recording was finalised
+        raise worker.error
+    if grabber.error and ended == "source ended":
+        ended = f"source ended: {grabber.error}"
+    summary = stats.summary(ended=ended, dropped=grabber.frames_dropped,
+                            frames_read=grabber.frames_read, reconnects=grabber.reconnects,
+                            record=str(record) if record else None,
+                            recorded_frames=recorder.frames if recorder else 0)
+    if stats_json:
+        write_text_atomic(stats_json, json.dumps(summary | {"per_frame": stats.records},
+                                                 indent=1))
+    return summary
+
+
+def _save_frame_meshes(item: LiveFrame, folder: Path, fmt: str) -> list[Path]:
+    saved = []
+    for i, face in enumerate(item.result.faces):
+        if face.mesh.is_empty:
+            continue
+        suffix = "" if i == 0 else f"_face{i}"
+        saved.append(save_mesh(face.mesh, folder / f"frame_{item.frame.index:06d}{suffix}.{fmt}"))
+    return saved
