@@ -1,0 +1,413 @@
+"""Checks that need a real GPU, in one run: ``python benchmarks/gpu_check.py``.
+
+Each check is a function in :data:`CHECKS` that takes the shared :class:`Context` and
+returns a dict with ``status`` (``"pass"``, ``"fail"`` or ``"skip"``), a one-line
+``detail`` and any measured numbers. The script prints a table and writes everything as
+JSON to ``benchmarks/results/gpu_check-<date>-<gpu>.json``.
+
+Options: ``--only NAME`` (repeatable) runs a subset; ``--weights PATH`` uses those
+weights instead of the package default; ``--out DIR`` changes the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIN_IOU = 0.98  # occupancy IoU a reduced-precision backend must reach against CPU fp32
+
+
+@dataclass
+class Context:
+    """What the checks share: the weights, a scratch folder, and lazily built items."""
+
+    weights: str | None
+    scratch: Path
+    cache: dict = field(default_factory=dict)
+
+    def model(self):
+        """A fresh CPU copy of the model under test (float32, evaluation mode)."""
+        from vrn.model import load_model
+
+        return load_model(self.weights)
+
+    def crops(self) -> np.ndarray:
+        """``(N, 3, S, S)`` float32 face crops of the sample photo (the detected face and
+        a wider and a shifted crop around it)."""
+        if "crops" not in self.cache:
+            from vrn.runtime.crop import box_crop_matrix, to_network_input, warp_crop
+            from vrn.runtime.detect import FaceBox, create_detector
+            from vrn.runtime.image_io import load_image, sample_image_path
+
+            photo = load_image(sample_image_path())
+            box = create_detector()(photo)[0]
+            boxes = [box, FaceBox(box.x - 15, box.y - 15, box.w + 30, box.h + 30),
+                     FaceBox(box.x + 8, box.y - 6, box.w, box.h)]
+            size = self.model().config.input_size
+            self.cache["photo"], self.cache["boxes"] = photo, boxes
+            self.cache["crops"] = to_network_input(
+                np.stack([warp_crop(photo, box_crop_matrix(b, size), size) for b in boxes]))
+        return self.cache["crops"]
+
+    def reference(self) -> np.ndarray:
+        """CPU fp32 torch volumes of :meth:`crops` (the reference every backend meets)."""
+        if "reference" not in self.cache:
+            from vrn.runtime.backends import TorchBackend
+
+            backend = TorchBackend(self.model(), device="cpu")
+            self.cache["reference"] = np.concatenate(
+                [backend.infer(c[None]) for c in self.crops()])
+        return self.cache["reference"]
+
+    def onnx(self, fp16: bool = False) -> Path:
+        """The model exported to ONNX (fp32, or the fp16 conversion) in the scratch dir."""
+        from vrn.runtime.backends.onnxruntime_backend import cached_onnx
+
+        key = f"onnx-fp16={fp16}"
+        if key not in self.cache:
+            self.cache[key] = cached_onnx(self.model(), self.scratch, fp16=fp16)
+        return self.cache[key]
+
+
+def occupancy_iou(a: np.ndarray, b: np.ndarray, level: float = 0.5) -> float:
+    a, b = np.asarray(a) > level, np.asarray(b) > level
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def _time_ms(fn, repeats: int = 20, warmup: int = 3) -> dict:
+    """p50 and mean wall milliseconds of ``fn()`` (which must synchronise itself)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return {"p50_ms": round(float(np.median(samples)), 3),
+            "mean_ms": round(float(np.mean(samples)), 3)}
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+# ---------------------------------------------------------------------------- checks
+
+def check_torch_fp16_vs_cpu_fp32(ctx: Context) -> dict:
+    """PyTorch CUDA fp16 (channels-last, with and without CUDA graphs) against CPU fp32:
+    occupancy IoU on face crops, and the batch-1 inference time."""
+    torch = _torch_cuda()
+    if torch is None:
+        return {"status": "skip", "detail": "torch has no CUDA"}
+    from vrn.runtime.backends import TorchBackend
+
+    reference, crops = ctx.reference(), ctx.crops()
+    result = {}
+    for graphs in (False, True):
+        backend = TorchBackend(ctx.model(), device="cuda", precision="fp16",
+                               cuda_graphs=graphs)
+        volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+        ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
+        x = torch.from_numpy(crops[:1]).cuda()
+
+        def run():
+            backend.infer(x)
+            torch.cuda.synchronize()
+
+        result["graphs" if graphs else "eager"] = {"iou_min": round(min(ious), 5),
+                                                   **_time_ms(run)}
+    worst = min(r["iou_min"] for r in result.values())
+    status = "pass" if worst >= MIN_IOU else "fail"
+    return {"status": status, "detail": f"min IoU {worst:.4f} (need {MIN_IOU}); batch 1: "
+                                        f"eager {result['eager']['p50_ms']:.2f} ms, graphs "
+                                        f"{result['graphs']['p50_ms']:.2f} ms", **result}
+
+
+def _count_host_copies(torch):
+    """Patch the ways a CUDA array reaches the host; returns ``(copies, undo)`` where
+    ``copies`` collects the element counts copied."""
+    copies: list[int] = []
+    undo = []
+
+    def patch(owner, name, wrap):
+        original = getattr(owner, name)
+        setattr(owner, name, wrap(original))
+        undo.append(lambda: setattr(owner, name, original))
+
+    def tensor_wrap(name):
+        def wrap(original):
+            def wrapper(self, *args, **kwargs):
+                out = original(self, *args, **kwargs)
+                if self.is_cuda and (name in ("cpu", "numpy", "tolist", "__array__") or
+                                     (isinstance(out, torch.Tensor) and not out.is_cuda)):
+                    copies.append(int(self.numel()))
+                return out
+            return wrapper
+        return wrap
+
+    for name in ("cpu", "numpy", "to", "tolist", "__array__"):
+        patch(torch.Tensor, name, tensor_wrap(name))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    def array_wrap(original):
+        def copy_to_host(self, *args, **kwargs):
+            copies.append(int(self.size))
+            return original(self, *args, **kwargs)
+        return copy_to_host
+
+    patch(DeviceNDArray, "copy_to_host", array_wrap)
+    return copies, lambda: [u() for u in reversed(undo)]
+
+
+def _pipeline_zero_copy(ctx: Context, backend) -> dict:
+    """Run one frame of the pipeline on ``backend`` (several faces, one batch) and count
+    device-to-host copies; the volume must not be among them."""
+    torch = _torch_cuda()
+    from vrn.runtime.pipeline import Reconstructor
+
+    ctx.crops()
+    photo, boxes = ctx.cache["photo"], ctx.cache["boxes"][:2]
+    rec = Reconstructor(backend=backend, all_faces=True)
+    rec(photo, boxes=boxes)  # warm-up: JIT, cuDNN autotuning, graph capture
+    volume_elements = backend.out_depth * backend.input_size ** 2
+    seen = []
+    infer = backend.infer
+
+    def watched(batch, **kwargs):
+        volume = infer(batch, **kwargs)
+        seen.append((type(volume).__module__, tuple(volume.shape)))
+        return volume
+
+    backend.infer = watched
+    copies, undo = _count_host_copies(torch)
+    try:
+        result = rec(photo, boxes=boxes)
+    finally:
+        undo()
+        del backend.infer
+    stages = {k: round(v, 3) for k, v in result.timings_ms.items()}
+    ok = (len(seen) == 1 and not seen[0][0].startswith("numpy") and seen[0][1][0] == 2
+          and copies and max(copies) < volume_elements
+          and all(len(f.mesh.faces) for f in result.faces))
+    timing = _time_ms(lambda: rec(photo, boxes=boxes[:1]), repeats=10)
+    return {"status": "pass" if ok else "fail",
+            "detail": (f"volume {seen[0][0] if seen else '?'} {seen[0][1] if seen else ''}; "
+                       f"largest host copy {max(copies) if copies else 0} elements "
+                       f"(a volume is {volume_elements}); one face end to end "
+                       f"{timing['p50_ms']:.1f} ms"),
+            "host_copies": copies, "stages_ms_two_faces": stages,
+            "one_face_ms": timing}
+
+
+def check_zero_copy_pipeline(ctx: Context) -> dict:
+    """The torch CUDA fp16 pipeline: the volume stays on the GPU (only mesh-sized copies
+    reach the host), and the GPU mesh equals the CPU mesh for the same volume."""
+    torch = _torch_cuda()
+    if torch is None:
+        return {"status": "skip", "detail": "torch has no CUDA"}
+    from vrn.runtime.backends import TorchBackend
+    from vrn.runtime.pipeline import Reconstructor
+
+    result = _pipeline_zero_copy(ctx, TorchBackend(ctx.model(), device="cuda",
+                                                   precision="fp16", cuda_graphs=True))
+    # Same volume on both paths (fp32 on the GPU), then the meshes must agree.
+    photo, boxes = ctx.cache["photo"], ctx.cache["boxes"][:1]
+    gpu = Reconstructor(backend=TorchBackend(ctx.model(), device="cuda", precision="fp32"))
+    cpu = Reconstructor(backend=TorchBackend(ctx.model(), device="cpu"))
+    g, c = gpu(photo, boxes=boxes).faces[0].mesh, cpu(photo, boxes=boxes).faces[0].mesh
+    same = abs(len(g.faces) - len(c.faces)) <= max(10, len(c.faces) // 1000)
+    result["gpu_vs_cpu_triangles"] = [len(g.faces), len(c.faces)]
+    if not same:
+        result["status"] = "fail"
+    result["detail"] += f"; triangles GPU {len(g.faces)} vs CPU {len(c.faces)}"
+    return result
+
+
+def check_tensorrt(ctx: Context) -> dict:
+    """TensorRT (when installed): an fp16 engine built from the fp16 graph, run by the
+    TensorRT backend with and without CUDA graphs (IoU against CPU fp32, batch-1 time),
+    and the zero-copy pipeline on it."""
+    try:
+        importlib.import_module("tensorrt")
+    except ImportError as exc:
+        return {"status": "skip", "detail": f"tensorrt does not import ({exc})"}
+    torch = _torch_cuda()
+    from vrn.export.tensorrt_build import build_engine
+    from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    engine = ctx.scratch / "vrn-fp16.engine"
+    onnx_fp16 = ctx.onnx(fp16=True)
+    build = build_engine(onnx_fp16, engine, max_batch=4, opt_batch=1, precision="fp16")
+    reference, crops = ctx.reference(), ctx.crops()
+    result = {"build_s": round(build.build_seconds, 1)}
+    for graphs in (False, True):
+        if graphs and torch is None:
+            continue
+        backend = TensorRTBackend(engine, cuda_graphs=graphs)
+        volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+        ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
+        x = torch.from_numpy(crops[:1]).cuda() if torch is not None else crops[:1]
+
+        def run():
+            backend.infer(x)
+            backend.synchronize()
+
+        result["graphs" if graphs else "plain"] = {"iou_min": round(min(ious), 5),
+                                                   **_time_ms(run)}
+    pipeline = _pipeline_zero_copy(ctx, TensorRTBackend(engine)) if torch else None
+    worst = min(r["iou_min"] for k, r in result.items() if isinstance(r, dict))
+    ok = worst >= MIN_IOU and (pipeline is None or pipeline["status"] == "pass")
+    result.update(status="pass" if ok else "fail", pipeline=pipeline,
+                  detail=f"fp16 engine: min IoU {worst:.4f}, batch 1 "
+                         f"{result['plain']['p50_ms']:.2f} ms"
+                         + (f"; pipeline: {pipeline['detail']}" if pipeline else ""))
+    return result
+
+
+def check_onnxruntime_gpu(ctx: Context) -> dict:
+    """onnxruntime's CUDA provider (when installed): it really loads (not the silent CPU
+    fallback), IO binding keeps the volume on the device, and it matches CPU fp32."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return {"status": "skip", "detail": f"onnxruntime does not import ({exc})"}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"status": "skip", "detail": "onnxruntime without the CUDA provider "
+                                            "(install onnxruntime-gpu)"}
+    from vrn.errors import BackendUnavailableError
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    try:
+        backend = OnnxRuntimeBackend(ctx.onnx(), provider="cuda")
+    except BackendUnavailableError as exc:
+        return {"status": "fail", "detail": str(exc)}
+    reference, crops = ctx.reference(), ctx.crops()
+    volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+    error = float(np.abs(volumes - reference).max())
+    iou = min(occupancy_iou(v, r) for v, r in zip(volumes, reference))
+    torch = _torch_cuda()
+    on_device = backend.infer(torch.from_numpy(crops[:1]).cuda()) if torch else None
+    ok = iou >= MIN_IOU and (on_device is None or on_device.is_cuda)
+    return {"status": "pass" if ok else "fail", "providers": backend.providers,
+            "max_abs_error": error, "iou_min": iou,
+            "detail": f"{backend.providers[0]}, max |error| {error:.2e}, IoU {iou:.4f}"}
+
+
+def check_live_headless(ctx: Context) -> dict:
+    """``vrn-live --headless`` with ``--backend auto`` on a video of the sample photo
+    moved and rotated: steady-state FPS and per-stage p50."""
+    import cv2
+
+    from vrn.runtime.capture import FrameGrabber
+    from vrn.runtime.image_io import sample_image_path
+    from vrn.runtime.live import run_live
+    from vrn.runtime.pipeline import Reconstructor
+
+    video = ctx.scratch / "moving_face.avi"
+    photo = cv2.imread(str(sample_image_path()))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (512, 512))
+    for i in range(120):
+        t = i / 119
+        m = cv2.getRotationMatrix2D((256, 256), -10 + 20 * t, 1.0)
+        m[:, 2] += (-20 + 40 * t, 10 * np.sin(2 * np.pi * t))
+        writer.write(cv2.warpAffine(photo, m, (512, 512), borderMode=cv2.BORDER_REFLECT))
+    writer.release()
+    rec = Reconstructor(ctx.weights, backend="auto", cache_dir=ctx.scratch)
+    rec.warmup()
+    with open(ctx.scratch / "live.log", "w") as log:
+        summary = run_live(rec, FrameGrabber(video), headless=True, out=log)
+    p50 = {k: v["p50"] for k, v in summary["stages_ms"].items()}
+    ok = summary["frames"] == 120 and summary["frames_with_faces"] >= 100
+    return {"status": "pass" if ok else "fail", "backend": rec.backend.describe(),
+            "selection_reason": rec.backend.selection_reason, "fps": summary["fps"],
+            "stages_p50_ms": p50,
+            "detail": f"{rec.backend.name}: {summary['fps']:.1f} FPS over "
+                      f"{summary['frames']} frames; p50 ms "
+                      + " ".join(f"{k} {v:.1f}" for k, v in p50.items())}
+
+
+def check_marching_cubes(ctx: Context) -> dict:
+    """The mesh kernels (``vrn.kernels``) on the GPU: exactly the CPU output on full-size
+    volumes, and their CUDA-event times (see ``gpu_check_kernels.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_kernels import check_marching_cubes as check
+
+    return check(ctx)
+
+
+CHECKS = [
+    ("marching_cubes", check_marching_cubes),
+    ("torch_fp16_vs_cpu_fp32", check_torch_fp16_vs_cpu_fp32),
+    ("zero_copy_pipeline", check_zero_copy_pipeline),
+    ("tensorrt", check_tensorrt),
+    ("onnxruntime_gpu", check_onnxruntime_gpu),
+    ("live_headless", check_live_headless),
+]
+
+
+def system_summary() -> dict:
+    torch = _torch_cuda()
+    info = {"python": platform.python_version(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch else None}
+    for module in ("torch", "numba", "onnxruntime", "tensorrt"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=[name for name, _ in CHECKS])
+    parser.add_argument("--weights", help="weights to check (default: the package default)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    from vrn.atomic import write_text_atomic
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vrn-gpu-check-") as scratch:
+        ctx = Context(args.weights, Path(scratch))
+        for name, check in CHECKS:
+            if args.only and name not in args.only:
+                continue
+            start = time.perf_counter()
+            try:
+                outcome = check(ctx)
+            except Exception as exc:  # one broken check must not hide the others
+                outcome = {"status": "fail", "detail": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc()}
+            outcome["seconds"] = round(time.perf_counter() - start, 1)
+            results[name] = outcome
+            print(f"{name:<26} {outcome['status']:<5} {outcome['detail']}", flush=True)
+    system = system_summary()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", system["gpu"] or "no-gpu").strip("-").lower()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_check-{stamp}-{gpu}.json"
+    write_text_atomic(path, json.dumps({"system": system, "weights": args.weights,
+                                        "checks": results}, indent=2, default=str) + "\n")
+    print(f"results: {path}")
+    return 0 if all(r["status"] != "fail" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
