@@ -18,10 +18,13 @@ three rules.
 3. **Triangulation.** Each polygon is split by the triangulation whose diagonals are
    shortest in total, with the crossings at the edge midpoints, among those with no
    diagonal inside a cube face (the neighbouring cube could draw the same one there);
-   ties go to the first candidate in a fixed order. The classic table splits
-   quadrilaterals and larger polygons by hand-made choices that follow no symmetry of
-   the cube, so our triangles differ from its triangles inside such polygons, while the
-   vertices, the polygons and their orientation are the same.
+   ties go to the first candidate in a fixed order. The classic table's splits follow
+   the cube's symmetry class by class, but for self-symmetric cases it picks one of the
+   equivalent splits with no rule (and the same polygon is split differently depending
+   on the other pieces in the cube), so no generated table reproduces it without
+   per-case data copied from it. Our triangles therefore differ from its triangles
+   inside such polygons, while the vertices, the polygons and their orientation are
+   the same.
 
 Numbering. Corner ``i`` of the cube whose lowest corner is grid point ``(x, y, z)`` sits
 at ``(x + dx, y + dy, z + dz)`` with ``i = dx | dy << 1 | dz << 2``. A case index has bit

@@ -69,3 +69,14 @@ def to_network_input(crops: np.ndarray) -> np.ndarray:
     if crops.ndim == 3:
         crops = crops[None]
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+
+
+def face_crops(image: np.ndarray, detector, *, size: int = CROP_SIZE,
+               max_faces: int | None = None) -> np.ndarray:
+    """Network inputs ``(N, 3, size, size)`` float32 for the faces ``detector`` finds in
+    ``image`` ``(H, W, 3)`` uint8 RGB (largest first), cropped as the pipeline crops."""
+    boxes = detector(image)[:max_faces]
+    if not boxes:
+        return np.zeros((0, 3, size, size), np.float32)
+    return to_network_input(np.stack([warp_crop(image, box_crop_matrix(b, size), size)
+                                      for b in boxes]))

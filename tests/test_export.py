@@ -1,0 +1,976 @@
+"""vrn.export and vrn-export: ONNX export (running and instance batch norm, every model
+variant, dynamic batch), fp16 conversion (the Resize-output trap), parity, engine files
+and their checks, the exporter's atomic writes, and the command line.
+
+TensorRT is not installed here: its code is tested through its pure parts (inspector
+JSON parsing, version handling) and a stand-in ``tensorrt`` module; building and running
+real engines needs a GPU host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vrn.cli.export import main as export_main
+from vrn.errors import BackendUnavailableError, EngineError
+from vrn.export import engine_file, exporter, fp16, onnx_export, parity, tensorrt_build
+from vrn.export.engine_file import EngineMetadata, GpuInfo, check_engine, write_engine
+from vrn.export.exporter import ExportError, Exporter
+from vrn.export.onnx_export import ChannelAffine, export_onnx, fold_batch_norms
+from vrn.model import (NUM_LANDMARKS, VRN, BatchNorm2d, VRNConfig, VRNGuided, VRNMultitask,
+                       load_model, random_model, save_checkpoint, set_bn_mode)
+
+SMALL = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
+                  residuals_b_innermost=1, out_depth=8, input_size=32)
+
+
+def with_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a model realistic running statistics (random init has mean 0, var 1, which
+    makes the running-mode output near constant): a few training-mode passes."""
+    set_bn_mode(model, "running")
+    generator = torch.Generator().manual_seed(seed)
+    channels = 3
+    size = model.config.input_size
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(4, channels, size, size, generator=generator))
+    return model.eval()
+
+
+def run_onnx(path, image: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: image})[0]
+
+
+def torch_volume(model, image: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(image)).numpy()
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory):
+    """A small instance-mode VRN checkpoint (seeded random weights)."""
+    path = tmp_path_factory.mktemp("weights") / "small.safetensors"
+    save_checkpoint(random_model(seed=3, config=SMALL), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory, small_weights):
+    """The real fp32 export of ``small_weights`` (batch 1..3) and its result."""
+    model = load_model(small_weights)
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    result = export_onnx(model, path, max_batch=3, metadata={"note": "test"})
+    return model, result
+
+
+@pytest.fixture
+def fast_export(monkeypatch, small_onnx):
+    """Make the exporter's ONNX step copy the module's real export of ``small_weights``
+    instead of tracing again (the exporter logic around it runs unchanged)."""
+    _, result = small_onnx
+
+    def fake_export(model, path, *, metadata=None, **kwargs):
+        proto = onnx.load(str(result.path))
+        if metadata:
+            helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+        onnx_export.save_onnx(proto, path)
+        return dataclasses.replace(result, path=path)
+
+    monkeypatch.setattr(exporter, "export_onnx", fake_export)
+    return result
+
+
+# --- batch-norm folding and the ONNX graph ---------------------------------------------
+
+def test_fold_batch_norms_keeps_running_mode_output():
+    torch.manual_seed(0)
+    model = with_running_statistics(VRN(SMALL))
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(image)
+    folded, n_folded, n_affine = fold_batch_norms(__import__("copy").deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    n_batch_norms = sum(isinstance(m, BatchNorm2d) for m in model.modules())
+    assert n_folded + n_affine == n_batch_norms
+    # Each residual's bn1 follows an addition or pooling: nothing to fold it into.
+    assert n_affine == sum(isinstance(m, ChannelAffine) for m in folded.modules()) > 0
+    with torch.no_grad():
+        got = folded(image)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_running_mode_export_is_folded_and_matches(tmp_path):
+    """VRN-Multitask in running mode: batch norms folded, the landmark head (which does
+    not reach the volume) left out, dynamic batch."""
+    torch.manual_seed(1)
+    model = with_running_statistics(VRNMultitask(SMALL))
+    result = export_onnx(model, tmp_path / "running.onnx", max_batch=3)
+    counts = result.op_counts
+    assert "BatchNormalization" not in counts and "InstanceNormalization" not in counts
+    head_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.landmark_head.modules())
+    all_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert counts["Conv"] == all_convs - head_convs
+    assert counts["Mul"] == result.affine_batch_norms > 0
+    assert result.folded_batch_norms > 0
+    proto = onnx.load(str(result.path))
+    assert [v.name for v in proto.graph.input] == ["image"]
+    assert [v.name for v in proto.graph.output] == ["volume"]
+    for batch in (1, 3):  # the batch dimension is dynamic
+        image = np.random.default_rng(batch).random((batch, 3, 32, 32), dtype=np.float32)
+        got = run_onnx(result.path, image)
+        assert got.shape == (batch, 8, 32, 32)
+        assert np.abs(got - torch_volume(model, image)).max() < 1e-4
+    assert model.bn_mode == "running"  # the caller's model is untouched
+    assert any(isinstance(m, BatchNorm2d) for m in model.modules())
+
+
+def test_instance_mode_export(small_onnx):
+    model, result = small_onnx
+    proto = onnx.load(str(result.path))
+    counts = result.op_counts
+    assert counts["InstanceNormalization"] == sum(isinstance(m, BatchNorm2d)
+                                                  for m in model.modules())
+    assert counts["Conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert "BatchNormalization" not in counts and "Mul" not in counts
+    assert [d.dim_param or d.dim_value for d in
+            proto.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 32, 32]
+    assert result.input_shape == ["batch", 3, 32, 32]
+    assert result.output_shape == ["batch", 8, 32, 32]
+    # one self-contained file: no external data, nothing beside it
+    assert all(init.data_location != TensorProto.EXTERNAL for init in proto.graph.initializer)
+    assert sorted(p.name for p in result.path.parent.iterdir()) == [result.path.name]
+    assert {p.key: p.value for p in proto.metadata_props}["note"] == "test"
+    assert not any(n.metadata_props for n in proto.graph.node)  # no source paths
+    image = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    assert np.abs(run_onnx(result.path, image) - torch_volume(model, image)).max() < 1e-4
+
+
+def test_guided_exports_one_volume_graph(tmp_path):
+    torch.manual_seed(2)
+    config = dataclasses.replace(SMALL, in_channels=3 + NUM_LANDMARKS)
+    model = with_running_statistics(VRNGuided(config))
+    result = export_onnx(model, tmp_path / "guided.onnx", max_batch=2)
+    proto = onnx.load(str(result.path))
+    assert [v.name for v in proto.graph.input] == ["image"]
+    assert [v.name for v in proto.graph.output] == ["volume"]
+    assert result.input_shape == ["batch", 3, 32, 32]  # the heatmaps are made inside
+    assert result.op_counts["Conv"] == sum(isinstance(m, torch.nn.Conv2d)
+                                           for m in model.modules())
+    image = np.random.default_rng(5).random((2, 3, 32, 32), dtype=np.float32)
+    assert np.abs(run_onnx(result.path, image) - torch_volume(model, image)).max() < 1e-4
+
+
+def test_check_graph_rejects_unexpected_ops_and_counts(small_onnx):
+    model, result = small_onnx
+    proto = onnx.load(str(result.path))
+    expected = {"Conv": result.op_counts["Conv"],
+                "InstanceNormalization": result.op_counts["InstanceNormalization"],
+                "Mul": 0, "BatchNormalization": 0}
+    args = dict(channels=3, size=32, out_depth=8)
+    assert onnx_export.check_graph(proto, expected=expected, **args) == result.op_counts
+    with pytest.raises(ValueError, match="Conv nodes"):
+        onnx_export.check_graph(proto, expected={**expected, "Conv": 1}, **args)
+    with pytest.raises(ValueError, match="shape"):
+        onnx_export.check_graph(proto, expected=expected, channels=3, size=32, out_depth=9)
+    proto.graph.node.append(helper.make_node("Transpose", ["volume"], ["stray"]))
+    with pytest.raises(ValueError, match="unexpected ops"):
+        onnx_export.check_graph(proto, expected=expected, **args)
+
+
+def test_save_onnx_refuses_over_2gb(monkeypatch, small_onnx, tmp_path):
+    _, result = small_onnx
+    proto = onnx.load(str(result.path))
+    monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 1000)
+    with pytest.raises(ValueError, match="2 GiB"):
+        onnx_export.save_onnx(proto, tmp_path / "big.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+# --- fp16 -------------------------------------------------------------------------------
+
+def resize_last_graph() -> onnx.ModelProto:
+    """Conv -> bilinear Resize as the graph's last node: the fp16 trap."""
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="linear")]
+    graph = helper.make_graph(
+        nodes, "resize_last",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 16, 16])],
+        [numpy_helper.from_array(weight, "w"),
+         numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_fp16_output_stays_float32_when_the_last_node_is_a_resize():
+    model = resize_last_graph()
+    # Nodes reading the graph input stay fp32: put a Relu first so that the Conv and
+    # the Resize run in fp16 and the Resize produces the graph output.
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["x_relu"]))
+    model.graph.node[1].input[0] = "x_relu"
+    half, summary = fp16.convert_to_fp16(model)
+    producer = {out: node for node in half.graph.node for out in node.output}
+    assert producer["y"].op_type == "Cast"  # a final cast back to float32
+    assert producer[producer["y"].input[0]].op_type == "Resize"
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    scales = {init.name: init for init in half.graph.initializer}["scales"]
+    assert scales.data_type == TensorProto.FLOAT  # Resize's scales must stay float32
+    assert {init.name: init for init in half.graph.initializer}["w"].data_type == \
+        TensorProto.FLOAT16
+    fp16.check_io_float32(half)
+    x = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+    session = ort.InferenceSession(half.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].type == "tensor(float)"
+    got = session.run(None, {"x": x})[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, run_onnx_proto(model, x), atol=1e-2)
+
+
+def run_onnx_proto(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_check_io_float32_catches_an_fp16_output():
+    """What onnxconverter-common's keep_io_types leaves for a final Resize: the output
+    tensor produced in fp16. The check must refuse it."""
+    model = resize_last_graph()
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["x_relu"]))
+    model.graph.node[1].input[0] = "x_relu"
+    half, _ = fp16.convert_to_fp16(model)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(half)
+    final_cast = bad.graph.node.pop()
+    for node in bad.graph.node:
+        node.output[:] = ["y" if name == final_cast.input[0] else name for name in node.output]
+    with pytest.raises(ValueError, match="inconsistent"):
+        fp16.check_io_float32(bad)
+    bad.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(ValueError, match="FLOAT16"):
+        fp16.check_io_float32(bad)
+
+
+def test_fp16_export_of_the_network(small_onnx, tmp_path):
+    model, result = small_onnx
+    dst = tmp_path / "small.fp16.onnx"
+    summary = fp16.export_fp16(result.path, dst)
+    half = onnx.load(str(dst))
+    assert fp16.graph_precision(half) == "fp16"
+    assert fp16.graph_precision(onnx.load(str(result.path))) == "fp32"
+    assert summary.fp32_ops == {"InstanceNormalization": 22, "Conv": 1}  # + the input conv
+    assert summary.fp16_nodes > 0 and summary.initializers_converted > 0
+    assert {p.key: p.value for p in half.metadata_props}["precision"] == "fp16"
+    inputs = parity.parity_inputs(3, 32)
+    report = parity.check_parity(parity.torch_runner(model), parity.onnxruntime_runner(dst),
+                                 inputs, name="fp16", precision="fp16", max_batch=3)
+    assert report.sane and report.min_iou > 0.99
+    assert report.rows[-1].label == "batch of 3"
+    assert run_onnx(dst, inputs[0].image).dtype == np.float32
+
+
+def test_fp16_refuses_weights_beyond_float16():
+    model = resize_last_graph()
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["x_relu"]))
+    model.graph.node[1].input[0] = "x_relu"
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.full((4, 3, 3, 3), 1e6, np.float32), "w"))
+    with pytest.raises(ValueError, match="float16 range"):
+        fp16.convert_to_fp16(model)
+
+
+# --- parity -----------------------------------------------------------------------------
+
+def test_compare_figures():
+    reference = np.zeros((1, 2, 4, 4), np.float32)
+    reference[0, 0] = 0.9  # 16 occupied voxels
+    candidate = reference.copy()
+    candidate[0, 0, 0, :2] = 0.4  # two voxels flip
+    candidate[0, 1, 0, 0] = 0.1
+    row = parity.compare(reference, candidate, "x")
+    assert row.iou == pytest.approx(14 / 16)
+    assert row.max_abs == pytest.approx(0.5)
+    assert row.mean_abs == pytest.approx((2 * 0.5 + 0.1) / 32)
+    with pytest.raises(ValueError, match="shape"):
+        parity.compare(reference, candidate[:, :1], "x")
+    candidate[0, 1, 1, 1] = np.nan
+    assert parity.compare(reference, candidate, "x").max_abs == float("inf")
+
+
+def test_parity_report_targets_and_floors():
+    row = parity.ParityRow("a", 1, max_abs=2e-4, mean_abs=1e-5, iou=0.99)
+    fp32 = parity.ParityReport("fp32", "fp32", [row])
+    assert not fp32.passed and fp32.sane
+    half = parity.ParityReport("fp16", "fp16", [row])
+    assert not half.passed and half.sane
+    half.rows.append(parity.ParityRow("b", 1, max_abs=0.5, mean_abs=0.1, iou=0.5))
+    assert not half.sane
+    good = parity.ParityReport("fp16", "fp16", [parity.ParityRow("a", 1, 1e-3, 1e-4, 0.999)])
+    assert good.passed and good.to_dict()["passed"]
+    table = parity.format_table([fp32, good])
+    assert "FAIL" in table and "pass" in table
+    with pytest.raises(ValueError):
+        parity.check_parity(lambda x: x, lambda x: x, [], name="x", precision="int8")
+
+
+def test_parity_inputs():
+    inputs = parity.parity_inputs(3, 48, random_count=2)
+    assert [i.label for i in inputs] == ["random 0", "random 1", "face 0"]
+    for item in inputs:
+        assert item.image.shape == (1, 3, 48, 48) and item.image.dtype == np.float32
+        assert 0 <= item.image.min() and item.image.max() <= 1
+    again = parity.parity_inputs(3, 48, random_count=2)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(inputs, again))
+    assert len(parity.parity_inputs(5, 48, random_count=1)) == 1  # no face for 5 channels
+
+
+# --- engine files -----------------------------------------------------------------------
+
+GPU = GpuInfo("NVIDIA Jetson AGX Orin", "8.7")
+
+
+def write_fake_engine(folder, onnx_path, *, payload=b"serialized engine " * 64):
+    engine_path = folder / "vrn.fp16.engine"
+    meta = EngineMetadata(tensorrt_version="10.3.0", gpu_name=GPU.name,
+                          compute_capability=GPU.compute_capability,
+                          onnx_file=onnx_path.name, onnx_sha256=engine_file.sha256_file(onnx_path),
+                          engine_sha256="", engine_bytes=0, precision="fp16",
+                          batch={"min": 1, "opt": 2, "max": 2},
+                          model_info={"architecture": "VRN"})
+    write_engine(engine_path, payload, meta)
+    return engine_path
+
+
+@pytest.fixture
+def engine_setup(tmp_path):
+    onnx_path = tmp_path / "vrn.fp16.onnx"
+    onnx_path.write_bytes(b"onnx bytes")
+    return onnx_path, write_fake_engine(tmp_path, onnx_path)
+
+
+def test_check_engine_accepts_a_matching_engine(engine_setup):
+    onnx_path, engine_path = engine_setup
+    meta = check_engine(engine_path, onnx=onnx_path, tensorrt_version="10.3.0", gpu=GPU)
+    assert meta.precision == "fp16" and meta.batch["max"] == 2
+    assert meta.engine_bytes == engine_path.stat().st_size
+    sidecar = json.loads(engine_file.sidecar_path(engine_path).read_text())
+    assert sidecar["format"] == engine_file.FORMAT and sidecar["onnx_file"] == onnx_path.name
+
+
+@pytest.mark.parametrize("mismatch, pattern", [
+    (dict(tensorrt_version="10.13.3"), "TensorRT 10.3.0"),
+    (dict(gpu=GpuInfo("NVIDIA GeForce RTX 4090", "8.9")), "compute capability 8.7"),
+])
+def test_check_engine_refuses_other_machines(engine_setup, mismatch, pattern):
+    onnx_path, engine_path = engine_setup
+    kwargs = {"tensorrt_version": "10.3.0", "gpu": GPU, **mismatch}
+    with pytest.raises(EngineError, match=pattern) as info:
+        check_engine(engine_path, **kwargs)
+    assert f"vrn-export --from-onnx {onnx_path}" in str(info.value)
+
+
+def test_check_engine_refuses_another_onnx(engine_setup, tmp_path):
+    _, engine_path = engine_setup
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"another graph")
+    with pytest.raises(EngineError, match="different ONNX") as info:
+        check_engine(engine_path, onnx=other, tensorrt_version="10.3.0", gpu=GPU)
+    assert f"vrn-export --from-onnx {other}" in str(info.value)
+
+
+def test_truncated_or_corrupt_engine_gives_engine_error(engine_setup):
+    _, engine_path = engine_setup
+    data = engine_path.read_bytes()
+    engine_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="truncated or corrupt"):
+        check_engine(engine_path, tensorrt_version="10.3.0", gpu=GPU)
+    engine_path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, one bit off
+    with pytest.raises(EngineError, match="truncated or corrupt"):
+        check_engine(engine_path, tensorrt_version="10.3.0", gpu=GPU)
+
+
+def test_missing_engine_or_sidecar(engine_setup):
+    _, engine_path = engine_setup
+    sidecar = engine_file.sidecar_path(engine_path)
+    sidecar.write_text("{not json")
+    with pytest.raises(EngineError, match="unreadable engine metadata"):
+        check_engine(engine_path, tensorrt_version="10.3.0", gpu=GPU)
+    sidecar.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(EngineError, match="unreadable engine metadata"):
+        check_engine(engine_path, tensorrt_version="10.3.0", gpu=GPU)
+    sidecar.unlink()
+    with pytest.raises(EngineError, match="no metadata file"):
+        check_engine(engine_path, tensorrt_version="10.3.0", gpu=GPU)
+    with pytest.raises(EngineError, match="not found"):
+        check_engine(engine_path.with_name("missing.engine"))
+
+
+def fake_tensorrt(version: str, *, deserialized=None) -> types.ModuleType:
+    """A stand-in ``tensorrt`` module with what the code under test touches."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            return deserialized
+
+    trt.Logger, trt.Runtime = Logger, Runtime
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    return trt
+
+
+@pytest.fixture
+def tensorrt_module(monkeypatch):
+    """Install a stand-in tensorrt module; returns a function that sets it up."""
+    def install(version="10.3.0", **kwargs):
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, **kwargs))
+        engine_file.tensorrt_runtime.cache_clear()
+        tensorrt_build.tensorrt_logger.cache_clear()
+    yield install
+    engine_file.tensorrt_runtime.cache_clear()
+    tensorrt_build.tensorrt_logger.cache_clear()
+
+
+def test_load_engine_without_tensorrt(engine_setup, monkeypatch):
+    _, engine_path = engine_setup
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+        engine_file.load_engine(engine_path)
+
+
+def test_load_engine_with_tensorrt(engine_setup, monkeypatch, tensorrt_module):
+    onnx_path, engine_path = engine_setup
+    monkeypatch.setattr(engine_file, "current_gpu", lambda device=0: GPU)
+    tensorrt_module("10.3.0", deserialized=None)  # TensorRT rejects the bytes
+    with pytest.raises(EngineError, match="could not deserialize"):
+        engine_file.load_engine(engine_path)
+    sentinel = object()
+    tensorrt_module("10.3.0", deserialized=sentinel)
+    engine, meta = engine_file.load_engine(engine_path, onnx=onnx_path)
+    assert engine is sentinel and meta.model_info == {"architecture": "VRN"}
+    tensorrt_module("10.13.3.9", deserialized=sentinel)
+    with pytest.raises(EngineError, match="not portable"):
+        engine_file.load_engine(engine_path)
+    monkeypatch.setattr(engine_file, "current_gpu", lambda device=0: None)
+    tensorrt_module("10.3.0", deserialized=sentinel)
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        engine_file.load_engine(engine_path)
+
+
+def test_current_gpu_without_a_driver():
+    if engine_file.current_gpu() is not None:
+        pytest.skip("this machine has a CUDA driver and device")
+    assert engine_file.current_gpu() is None
+
+
+# --- TensorRT build helpers -------------------------------------------------------------
+
+def test_import_tensorrt_versions(monkeypatch, tensorrt_module):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not available"):
+        tensorrt_build.import_tensorrt()
+    tensorrt_module("8.6.1")
+    with pytest.raises(BackendUnavailableError, match="too old"):
+        tensorrt_build.import_tensorrt()
+    tensorrt_module("10.2.0")
+    with pytest.raises(BackendUnavailableError, match="too old"):
+        tensorrt_build.import_tensorrt()
+    tensorrt_module("10.3.0")
+    assert tensorrt_build.import_tensorrt().__version__ == "10.3.0"
+
+
+def test_network_flags_per_version():
+    assert tensorrt_build.network_flags(fake_tensorrt("10.3.0")) == 1 << 1
+    assert tensorrt_build.network_flags(fake_tensorrt("10.13.3.9")) == 1 << 1
+    assert tensorrt_build.network_flags(fake_tensorrt("11.4.1")) == 0  # always strongly typed
+    old = fake_tensorrt("10.3.0")
+    old.NetworkDefinitionCreationFlag = types.SimpleNamespace()
+    with pytest.raises(BackendUnavailableError, match="strongly typed"):
+        tensorrt_build.network_flags(old)
+    assert tensorrt_build.parse_version("10.3.0.30") == (10, 3, 0, 30)
+    assert tensorrt_build.parse_version("11.0.0b1") == (11, 0, 0)
+
+
+def test_layer_precisions_from_inspector_json():
+    v10 = {"Layers": [
+        {"Name": "conv", "LayerType": "CaskConvolution",
+         "Inputs": [{"Name": "a", "Format/Datatype": "Channel major FP16 format where "
+                                                      "channel % 8 == 0"}],
+         "Outputs": [{"Name": "b", "Format/Datatype": "Row major linear FP16 format"}]},
+        {"Name": "norm", "LayerType": "Normalization",
+         "Inputs": [{"Name": "b", "Format/Datatype": "Row major linear FP32"}],
+         "Outputs": [{"Name": "c", "Format/Datatype": "Float"}]},
+        {"Name": "cast", "Inputs": [{"Format/Datatype": "Float"}],
+         "Outputs": [{"Format/Datatype": "Half"}]},
+    ], "Bindings": ["image", "volume"]}
+    assert tensorrt_build.layer_precisions(v10) == {"fp16": 2, "fp32": 1}
+    v11 = {"Layers": [
+        {"Name": "conv", "Inputs": [{"DataType": "Half", "Format": "Channel major FP16"}],
+         "Outputs": [{"DataType": "Half", "Format": "Row major linear"}]},
+        {"Name": "sig", "Inputs": [{"DataType": "Float", "Format": "Row major linear"}],
+         "Outputs": [{"DataType": "Float", "Format": "Row major linear"}]},
+    ], "I/O Tensors": []}
+    assert tensorrt_build.layer_precisions(v11) == {"fp16": 1, "fp32": 1}
+    fp32_only = {"Layers": [{"Inputs": [{"DataType": "Float"}], "Outputs": []}]}
+    assert not tensorrt_build.layer_precisions(fp32_only).get("fp16")
+    names_only = {"Layers": ["conv + relu", "sigmoid"]}
+    assert tensorrt_build.layer_precisions(names_only) == {"unknown": 2}
+    assert tensorrt_build.classify_precision("N/A due to dynamic shapes") == "unknown"
+
+
+class FakeBuild:
+    """A stand-in for TensorRT's builder and runtime, following the Python API of 10.x and
+    11.x call for call (names, arguments, return values), so the build, inspection and
+    engine-file plumbing runs here; the "engine" computes with ONNX Runtime."""
+
+    def __init__(self, version="10.3.0", layer_type="Half"):
+        self.version, self.layer_type, self.calls = version, layer_type, []
+
+    def module(self) -> types.ModuleType:
+        fake, trt = self, fake_tensorrt(self.version)
+        trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="detailed")
+        trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
+        trt.LayerInformationFormat = types.SimpleNamespace(JSON="json")
+        trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+        trt.float32 = "float32"
+        trt.nptype = lambda dtype: np.float32
+
+        class Tensor:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class Network:
+            def __init__(self, flags):
+                fake.calls.append(("create_network", flags))
+                self.inputs = []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                proto = onnx.load(path)
+                fake.onnx_path = path
+                for value in proto.graph.input:
+                    dims = [d.dim_value or -1 for d in value.type.tensor_type.shape.dim]
+                    self.network.inputs.append(Tensor(value.name, dims))
+                return True
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data) or b"fresh"
+
+            def serialize(self):
+                return self.data + b"+"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", pool, size))
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag))
+
+            def create_timing_cache(self, data):
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile", profile.shapes))
+                fake.max_batch = max(shapes[2][0] for shapes in profile.shapes.values())
+
+        class Profile:
+            shapes = {}
+
+            def set_shape(self, name, min, opt, max):
+                self.shapes = {name: (tuple(min), tuple(opt), tuple(max))}
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("verbosity", config.profiling_verbosity))
+                return b"ENGINE:" + open(fake.onnx_path, "rb").read()
+
+        class Context:
+            def __init__(self):
+                self.shape = None
+
+            def set_input_shape(self, name, shape):
+                self.shape = tuple(shape)
+                return 1 <= shape[0] <= fake.max_batch
+
+            def get_tensor_shape(self, name):
+                return (self.shape[0], 8, 32, 32)
+
+        class Inspector:
+            execution_context = None
+
+            def get_engine_information(self, fmt):
+                assert self.execution_context.shape is not None  # concrete shapes set
+                kind = fake.layer_type
+                return json.dumps({"Layers": [
+                    {"Name": "conv", "Inputs": [{"Format/Datatype": kind}],
+                     "Outputs": [{"Format/Datatype": kind}]},
+                    {"Name": "norm", "Inputs": [{"Format/Datatype": "Float"}],
+                     "Outputs": [{"Format/Datatype": "Float"}]}]})
+
+        class Engine:
+            num_io_tensors = 2
+
+            def __init__(self, onnx_bytes):
+                self.onnx_bytes = onnx_bytes
+
+            def get_tensor_name(self, i):
+                return ["image", "volume"][i]
+
+            def get_tensor_mode(self, name):
+                return "input" if name == "image" else "output"
+
+            def get_tensor_dtype(self, name):
+                return "float32"
+
+            def get_tensor_shape(self, name):
+                return [-1, 3, 32, 32] if name == "image" else [-1, 8, 32, 32]
+
+            def create_execution_context(self):
+                return Context()
+
+            def create_engine_inspector(self):
+                return Inspector()
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                data = bytes(data)
+                return Engine(data[len(b"ENGINE:"):]) if data.startswith(b"ENGINE:") else None
+
+        trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+        return trt
+
+
+@pytest.fixture
+def fake_gpu_build(monkeypatch, tensorrt_module):
+    """TensorRT and a GPU, faked: returns the :class:`FakeBuild` in use."""
+    build = FakeBuild()
+    monkeypatch.setitem(sys.modules, "tensorrt", build.module())
+    engine_file.tensorrt_runtime.cache_clear()
+    tensorrt_build.tensorrt_logger.cache_clear()
+    for module in (engine_file, tensorrt_build, exporter):
+        monkeypatch.setattr(module, "current_gpu", lambda device=0: GPU)
+
+    def cpu_executor():
+        def execute(context, input_name, image, output_name, out_shape):
+            return run_onnx(build.onnx_path, image)
+        return execute
+
+    monkeypatch.setattr(tensorrt_build, "_device_executor", cpu_executor)
+    return build
+
+
+def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_build,
+                                           tmp_path):
+    out = tmp_path / "out"
+    report = Exporter(out, fp16=True, max_batch=3, workspace_gb=1.5,
+                      out=_Lines([])).export(small_weights)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["export.json", "timing.cache", "vrn.fp16.engine", "vrn.fp16.engine.json",
+                     "vrn.fp16.onnx", "vrn.onnx"]
+    calls = dict((c[0], c[1:]) for c in fake_gpu_build.calls)
+    assert calls["create_network"] == (1 << 1,)  # STRONGLY_TYPED on 10.x
+    assert calls["workspace"] == ("workspace", int(1.5 * 2**30))
+    assert calls["profile"] == ({"image": ((1, 3, 32, 32), (3, 3, 32, 32), (3, 3, 32, 32))},)
+    assert calls["verbosity"] == ("detailed",)
+    assert "clear_flag" not in calls  # TF32 is only switched off for fp32 graphs
+    meta = check_engine(out / "vrn.fp16.engine", onnx=out / "vrn.fp16.onnx",
+                        tensorrt_version="10.3.0", gpu=GPU)
+    assert meta.precision == "fp16" and meta.layer_precisions == {"fp16": 1, "fp32": 1}
+    assert meta.batch == {"min": 1, "opt": 3, "max": 3}
+    assert meta.inputs[0] == {"name": "image", "shape": [-1, 3, 32, 32], "dtype": "float32"}
+    assert meta.model_info["architecture"] == "VRN" and meta.model_info["precision"] == "fp16"
+    assert report["engine"]["engine_sha256"] == meta.engine_sha256
+    assert report["parity"]["TensorRT fp16 vs ONNX Runtime"]["max_abs"] == 0.0
+    assert report["files"]["vrn.fp16.engine"]["bytes"] == meta.engine_bytes
+    assert (out / "timing.cache").read_bytes() == b"fresh+"
+    # the engine loads through the one loader, and a rebuild reuses the timing cache
+    engine, loaded = engine_file.load_engine(out / "vrn.fp16.engine")
+    assert loaded == meta and engine.onnx_bytes == (out / "vrn.fp16.onnx").read_bytes()
+    lines = []
+    Exporter(out, max_batch=3, out=_Lines(lines)).export_from_onnx(out / "vrn.fp16.onnx")
+    assert (out / "timing.cache").read_bytes() == b"fresh++"
+    assert "timing cache reused" in "".join(lines)
+    # the rebuild is added to the export's report, which keeps its ONNX parity figures
+    merged = json.loads((out / "export.json").read_text())
+    assert "ONNX fp32 vs PyTorch" in merged["parity"] and merged["model"]["trained"] is False
+    assert [s["step"] for s in merged["engine_build"]["steps"]] == ["ONNX", "TensorRT"]
+    assert merged["files"]["vrn.fp16.engine"]["sha256"] == engine_file.sha256_file(
+        out / "vrn.fp16.engine")
+    # elsewhere, --from-onnx writes a report of its own
+    other = tmp_path / "jetson"
+    report = Exporter(other, max_batch=3, out=_Lines([])).export_from_onnx(
+        out / "vrn.fp16.onnx")
+    assert report["source"]["onnx_sha256"] == engine_file.sha256_file(out / "vrn.fp16.onnx")
+    assert report["model"]["architecture"] == "VRN"
+    assert sorted(p.name for p in other.iterdir()) == [
+        "export.json", "timing.cache", "vrn.fp16.engine", "vrn.fp16.engine.json"]
+    meta = check_engine(other / "vrn.fp16.engine", onnx=out / "vrn.fp16.onnx",
+                        tensorrt_version="10.3.0", gpu=GPU)
+    assert (other / meta.onnx_file).resolve() == (out / "vrn.fp16.onnx").resolve()
+
+
+def test_fp16_graph_without_fp16_layers_fails_the_build(small_weights, fast_export,
+                                                        fake_gpu_build, tmp_path):
+    fake_gpu_build.layer_type = "Float"  # TensorRT fell back to fp32 everywhere
+    out = tmp_path / "out"
+    with pytest.raises(EngineError, match="without a single fp16 layer"):
+        Exporter(out, fp16=True, out=_Lines([])).export(small_weights)
+    assert not any(p.suffix == ".engine" for p in out.iterdir())
+    assert not (out / "export.json").exists()
+
+
+def test_fp32_engine_switches_tf32_off(small_onnx, fake_gpu_build, tmp_path):
+    _, result = small_onnx
+    build = tensorrt_build.build_engine(result.path, tmp_path / "vrn.engine", max_batch=2,
+                                        precision="fp32")
+    assert ("clear_flag", "tf32") in fake_gpu_build.calls
+    assert build.metadata.precision == "fp32" and not build.timing_cache_reused
+    assert (tmp_path / build.metadata.onnx_file).resolve() == result.path.resolve()
+
+
+# --- the exporter -----------------------------------------------------------------------
+
+def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    report = Exporter(out, fp16=True, max_batch=3, engine="auto",
+                      out=_Lines(lines)).export(small_weights)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "vrn.fp16.onnx", "vrn.onnx"]
+    saved = json.loads((out / "export.json").read_text())
+    assert saved == json.loads(json.dumps(report, default=str))
+    assert saved["versions"]["tensorrt"] is None and saved["gpu"] is None
+    assert saved["versions"]["onnxruntime"] == ort.__version__
+    assert saved["files"]["vrn.onnx"]["sha256"] == engine_file.sha256_file(out / "vrn.onnx")
+    assert saved["files"]["vrn.fp16.onnx"]["bytes"] == (out / "vrn.fp16.onnx").stat().st_size
+    assert saved["inputs"] == [{"name": "image", "shape": ["batch", 3, 32, 32],
+                                "dtype": "float32"}]
+    assert saved["outputs"][0]["shape"] == ["batch", 8, 32, 32]
+    assert saved["batch"] == {"min": 1, "max": 3} and saved["bn_mode"] == "instance"
+    assert saved["model"]["architecture"] == "VRN" and saved["model"]["trained"] is False
+    assert saved["model"]["config"] == SMALL.to_dict()
+    assert saved["engine"] is None
+    assert [s["step"] for s in saved["steps"]] == ["weights", "ONNX", "ONNX parity", "fp16",
+                                                  "fp16 parity"]
+    assert saved["parity"]["ONNX fp32 vs PyTorch"]["passed"]
+    assert saved["parity"]["ONNX fp32 vs PyTorch"]["max_abs"] < 1e-4
+    rows = saved["parity"]["ONNX fp16 vs PyTorch"]["rows"]
+    assert [r["label"] for r in rows] == ["random 0", "random 1", "random 2", "face 0",
+                                          "batch of 3"]
+    text = "".join(lines)
+    assert "vrn-export --from-onnx" in text and "skipped" in text
+    assert "IoU@0.5" in text  # the parity table
+
+
+def test_engine_yes_without_tensorrt_fails_cleanly(small_weights, fast_export, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="cannot build a TensorRT engine"):
+        Exporter(out, engine="yes", verify=False, out=_Lines([])).export(small_weights)
+    assert not (out / "export.json").exists()
+
+
+def test_interrupted_export_leaves_no_partial_file(small_weights, fast_export, tmp_path,
+                                                    monkeypatch):
+    out = tmp_path / "out"
+
+    def failing_fp16(src, dst, **kwargs):
+        (dst).write_bytes(b"half written")
+        raise RuntimeError("simulated crash while converting")
+
+    monkeypatch.setattr(fp16, "export_fp16", failing_fp16)
+    with pytest.raises(ExportError, match="simulated crash"):
+        Exporter(out, fp16=True, engine="no", out=_Lines([])).export(small_weights)
+    # the completed, verified fp32 graph is there; nothing else, not even temp files
+    assert sorted(p.name for p in out.iterdir()) == ["vrn.onnx"]
+    onnx.checker.check_model(onnx.load(str(out / "vrn.onnx")))
+
+
+def test_failing_parity_fails_the_export(small_weights, fast_export, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(parity, "FP32_MAX_ABS", 0.0)
+    with pytest.raises(ExportError, match="parity check failed") as info:
+        Exporter(out, engine="no", out=_Lines([])).export(small_weights)
+    assert "IoU@0.5" in str(info.value)  # the table comes with the error
+    assert list(out.iterdir()) == []
+    # --no-verify skips the check
+    report = Exporter(out, engine="no", verify=False, out=_Lines([])).export(small_weights)
+    assert report["parity"] == {} and (out / "vrn.onnx").is_file()
+
+
+def test_fp16_target_is_enforced_for_trained_weights_only(small_weights, fast_export,
+                                                          tmp_path, monkeypatch):
+    monkeypatch.setattr(parity, "FP16_MIN_IOU", 1.01)  # unreachable
+    report = Exporter(tmp_path / "a", fp16=True, engine="no",
+                      out=_Lines([])).export(small_weights)
+    fp16_report = report["parity"]["ONNX fp16 vs PyTorch"]
+    assert not fp16_report["passed"] and fp16_report["sane"] and not fp16_report["enforced"]
+    assert any("untrained" in note for note in report["notes"])
+    model = load_model(small_weights)
+    model.info.trained = True
+    trained = tmp_path / "trained.safetensors"
+    save_checkpoint(model, trained, info=model.info)
+    with pytest.raises(ExportError, match="ONNX fp16 vs PyTorch: parity check failed"):
+        Exporter(tmp_path / "b", fp16=True, engine="no", out=_Lines([])).export(trained)
+    assert not (tmp_path / "b" / "vrn.fp16.onnx").exists()
+
+
+def test_exporter_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="max_batch"):
+        Exporter(tmp_path, max_batch=0)
+    with pytest.raises(ValueError, match="engine"):
+        Exporter(tmp_path, engine="maybe")
+    with pytest.raises(ValueError, match="bn_mode"):
+        Exporter(tmp_path, bn_mode="group")
+    with pytest.raises(ValueError, match="workspace"):
+        Exporter(tmp_path, workspace_gb=0)
+
+
+class _Lines:
+    """A text stream that collects what is printed."""
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+
+# --- the command line -------------------------------------------------------------------
+
+def test_cli_end_to_end(small_weights, fast_export, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert export_main([str(small_weights), "-o", str(out), "--fp16", "--max-batch", "2",
+                        "--engine", "auto"]) == 0
+    captured = capsys.readouterr().out
+    assert "vrn-export: done" in captured and "vrn.fp16.onnx" in captured
+    saved = json.loads((out / "export.json").read_text())
+    assert saved["batch"]["max"] == 2 and saved["options"]["fp16"] is True
+    for name in ("vrn.onnx", "vrn.fp16.onnx"):  # the model travels with the graph
+        metadata = onnx_export.onnx_metadata(out / name)
+        assert metadata["architecture"] == "VRN" and metadata["max_batch"] == "2"
+        assert metadata["trained"] == "false"
+    assert onnx_export.onnx_metadata(out / "vrn.fp16.onnx")["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.safetensors", "-o", "{tmp}/out"], "missing.safetensors: weights file not found"),
+    (["-o", "{tmp}/afile/out"], "cannot write to the output folder"),
+    (["-o", "{tmp}/afile"], "exists and is not a folder"),
+    (["--from-onnx", "{tmp}/missing.onnx"], "missing.onnx: ONNX file not found"),
+    (["--from-onnx", "{tmp}/afile"], "not a readable ONNX file"),
+])
+def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "afile").write_text("not a folder, not an ONNX file")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert export_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vrn-export: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_cli_from_onnx_needs_tensorrt(small_onnx, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    _, result = small_onnx
+    assert export_main(["--from-onnx", str(result.path), "-o", str(tmp_path)]) == 1
+    assert "cannot build a TensorRT engine" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["w.safetensors", "--from-onnx", "x.onnx"],
+    ["--from-onnx", "x.onnx", "--fp16"],
+    ["--from-onnx", "x.onnx", "--engine", "no"],
+    [],  # no -o
+    ["-o", "out", "--engine", "sometimes"],
+])
+def test_cli_usage_errors(argv):
+    with pytest.raises(SystemExit) as info:
+        export_main(argv)
+    assert info.value.code == 2
+
+
+# --- the released architecture ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_model_export_fp32_fp16_dynamic_batch(tmp_path):
+    """The released architecture (19M parameters, default weights, instance mode):
+    fp32 and fp16 graphs with parity on random images and the face crop, batch 1 and 2."""
+    lines = []
+    model = random_model()  # the released architecture, seeded random weights
+    assert sum(p.numel() for p in model.parameters()) == 19_184_968
+    report = Exporter(tmp_path, fp16=True, max_batch=2, engine="no", random_inputs=1,
+                      out=_Lines(lines)).export(model)
+    assert report["op_counts"]["Conv"] == 276
+    assert report["op_counts"]["InstanceNormalization"] == 273
+    assert report["outputs"][0]["shape"] == ["batch", 200, 192, 192]
+    fp32 = report["parity"]["ONNX fp32 vs PyTorch"]
+    assert fp32["passed"] and fp32["max_abs"] < 1e-4
+    assert [r["label"] for r in fp32["rows"]] == ["random 0", "face 0", "batch of 2"]
+    half = report["parity"]["ONNX fp16 vs PyTorch"]
+    assert half["sane"] and half["min_iou"] > 0.99
+    assert report["files"]["vrn.onnx"]["bytes"] < 2**31
+    session = ort.InferenceSession(str(tmp_path / "vrn.fp16.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == session.get_outputs()[0].type == "tensor(float)"
+    print("".join(lines))

@@ -1,0 +1,100 @@
+"""``vrn-export``: weights -> validated ONNX (fp32, optionally fp16) -> TensorRT engine.
+
+    vrn-export [WEIGHTS] -o OUTDIR [--fp16] [--max-batch N] [--opset K] [--workspace GB]
+               [--engine auto|yes|no] [--bn-mode running|instance] [--no-verify]
+    vrn-export --from-onnx OUTDIR/vrn.fp16.onnx [-o OUTDIR] [--max-batch N]
+               [--workspace GB] [--no-verify]
+
+The second form builds the engine on the target GPU from an ONNX file exported
+elsewhere: engines are not portable between GPUs or TensorRT versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import VRNError
+from ..model import BN_MODES
+
+DESCRIPTION = ("Export VRN weights to a checked ONNX model (fp32, and fp16 with --fp16) and, "
+               "where TensorRT and a GPU are present, a TensorRT engine for this GPU. "
+               "Writes OUTDIR/vrn.onnx, OUTDIR/vrn.fp16.onnx, OUTDIR/vrn[.fp16].engine and "
+               "OUTDIR/export.json (versions, hashes, shapes, parity figures).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vrn-export", description=DESCRIPTION)
+    p.add_argument("weights", nargs="?", metavar="WEIGHTS",
+                   help=".t7 or vrn-edge .safetensors weights (default: the package's "
+                        "default model)")
+    p.add_argument("-o", "--output", metavar="OUTDIR",
+                   help="output folder (required unless --from-onnx, where it defaults to "
+                        "the ONNX file's folder)")
+    p.add_argument("--from-onnx", metavar="MODEL.onnx",
+                   help="build the TensorRT engine for this ONNX file (exported elsewhere) "
+                        "on this machine")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write vrn.fp16.onnx (fp16 inside, fp32 input and output) and "
+                        "build the engine from it")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="largest batch of the dynamic batch dimension and of the engine "
+                        "profile (default: 4; with --from-onnx, the value stored in the file)")
+    p.add_argument("--opset", type=int, metavar="K", help="ONNX opset (default: 20)")
+    p.add_argument("--workspace", type=float, metavar="GB",
+                   help="TensorRT builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--engine", choices=("auto", "yes", "no"),
+                   help="build a TensorRT engine: auto (when TensorRT and a GPU are here; "
+                        "the default), yes (fail if it cannot), no")
+    p.add_argument("--bn-mode", choices=BN_MODES,
+                   help="batch-norm mode to export: running (folded into the convolutions) "
+                        "or instance (per-image statistics, InstanceNormalization); "
+                        "default: the weights' own")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the parity checks against PyTorch / ONNX Runtime")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..export.exporter import DEFAULT_MAX_BATCH, Exporter
+    from ..export.onnx_export import DEFAULT_OPSET, onnx_metadata
+
+    try:
+        if args.from_onnx:
+            for flag, value in (("WEIGHTS", args.weights), ("--fp16", args.fp16 or None),
+                                ("--opset", args.opset), ("--bn-mode", args.bn_mode)):
+                if value is not None:
+                    parser.error(f"{flag} does not apply to --from-onnx")
+            if args.engine == "no":
+                parser.error("--from-onnx builds an engine; --engine no leaves nothing to do")
+            onnx_path = Path(args.from_onnx)
+            if not onnx_path.is_file():
+                raise VRNError(f"{onnx_path}: ONNX file not found")
+            max_batch = args.max_batch or int(onnx_metadata(onnx_path).get(
+                "max_batch", DEFAULT_MAX_BATCH))
+            exporter = Exporter(args.output or onnx_path.parent, max_batch=max_batch,
+                                workspace_gb=args.workspace, engine="yes",
+                                verify=not args.no_verify)
+            exporter.export_from_onnx(onnx_path)
+        else:
+            if not args.output:
+                parser.error("-o/--output OUTDIR is required")
+            exporter = Exporter(args.output, fp16=args.fp16,
+                                max_batch=args.max_batch or DEFAULT_MAX_BATCH,
+                                opset=args.opset or DEFAULT_OPSET, workspace_gb=args.workspace,
+                                engine=args.engine or "auto", bn_mode=args.bn_mode,
+                                verify=not args.no_verify)
+            exporter.export(args.weights)
+    except (VRNError, ValueError, OSError) as exc:
+        message = str(exc) if not isinstance(exc, OSError) or not exc.filename else (
+            f"{exc.filename}: {exc.strerror}")
+        print(f"vrn-export: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

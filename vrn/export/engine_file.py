@@ -1,0 +1,238 @@
+"""TensorRT engine files and their sidecar metadata.
+
+An engine only runs on the GPU architecture and the TensorRT version it was built with.
+Beside every ``<name>.engine`` we write ``<name>.engine.json``: the TensorRT version,
+the GPU name and compute capability, the SHA-256 of the ONNX file it was built from,
+the engine's own size and SHA-256, its inputs and outputs and its batch range.
+:func:`check_engine` compares that with this machine before a byte reaches TensorRT, so
+a mismatch gets a message that says how to rebuild, and a truncated or corrupt file gets
+an :class:`~vrn.errors.EngineError` instead of a crash inside TensorRT.
+
+:func:`load_engine` is the one way to load an engine: check, then deserialize.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..atomic import write_bytes_atomic, write_text_atomic
+from ..errors import BackendUnavailableError, EngineError
+
+FORMAT = "vrn-engine/1"
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """A CUDA device: its name and compute capability (``"8.7"``)."""
+
+    name: str
+    compute_capability: str
+
+
+@dataclass
+class EngineMetadata:
+    """The sidecar of an engine file (all JSON-serialisable)."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    onnx_file: str  # name of the ONNX file, relative to the engine's folder
+    onnx_sha256: str
+    engine_sha256: str
+    engine_bytes: int
+    precision: str  # "fp16" or "fp32"
+    inputs: list = field(default_factory=list)  # [{"name", "shape", "dtype"}]
+    outputs: list = field(default_factory=list)
+    batch: dict = field(default_factory=dict)  # {"min", "opt", "max"}
+    layer_precisions: dict = field(default_factory=dict)  # {"fp16": n, "fp32": m, ...}
+    model_info: dict = field(default_factory=dict)  # the ONNX file's metadata_props
+    build_seconds: float | None = None
+    built_at: str = ""
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineMetadata":
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} sidecar")
+        return cls(**data)
+
+
+def sidecar_path(engine_path: str | os.PathLike) -> Path:
+    """``<engine>.json`` beside ``engine_path``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_engine(engine_path: str | os.PathLike, engine: bytes,
+                 metadata: EngineMetadata) -> Path:
+    """Write the serialized engine and its sidecar, each atomically (engine first).
+
+    ``metadata.engine_sha256`` and ``engine_bytes`` are filled in from ``engine``.
+    """
+    engine_path = Path(engine_path)
+    metadata.engine_sha256 = hashlib.sha256(engine).hexdigest()
+    metadata.engine_bytes = len(engine)
+    write_bytes_atomic(engine_path, engine)
+    write_text_atomic(sidecar_path(engine_path), metadata.to_json())
+    return engine_path
+
+
+def read_metadata(engine_path: str | os.PathLike) -> EngineMetadata:
+    """The sidecar of ``engine_path``; :class:`EngineError` if it is missing or invalid."""
+    engine_path = Path(engine_path)
+    sidecar = sidecar_path(engine_path)
+    if not sidecar.is_file():
+        raise EngineError(f"{engine_path}: no metadata file {sidecar.name} beside it, so its "
+                          "GPU and TensorRT version are unknown; rebuild it with "
+                          "`vrn-export --from-onnx <model.onnx>`")
+    try:
+        return EngineMetadata.from_json(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"{sidecar}: unreadable engine metadata ({exc}); rebuild the "
+                          "engine with `vrn-export --from-onnx <model.onnx>`") from None
+
+
+def rebuild_command(engine_path: str | os.PathLike, metadata: EngineMetadata) -> str:
+    """The command that rebuilds ``engine_path`` from its ONNX file on this machine."""
+    engine_path = Path(engine_path)
+    onnx_path = engine_path.parent / metadata.onnx_file
+    return f"vrn-export --from-onnx {onnx_path} --max-batch {metadata.batch.get('max', 1)}"
+
+
+def check_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | None = None,
+                 tensorrt_version: str | None = None, gpu: GpuInfo | None = None
+                 ) -> EngineMetadata:
+    """Check that ``engine_path`` is intact and was built for this machine.
+
+    Parameters
+    ----------
+    engine_path : path
+        A ``.engine`` file with its ``.engine.json`` sidecar.
+    onnx : path, optional
+        The ONNX file the engine should come from; its SHA-256 must match.
+    tensorrt_version : str, optional
+        The TensorRT version to compare with (default: the installed one).
+    gpu : GpuInfo, optional
+        The GPU to compare with (default: CUDA device 0 of this machine).
+
+    Returns the metadata. Raises :class:`EngineError` for a missing, truncated or
+    corrupt engine and for a mismatch (with the command that rebuilds it), and
+    :class:`BackendUnavailableError` when TensorRT or a GPU is missing here.
+    """
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise EngineError(f"{engine_path}: engine file not found; build one with "
+                          "`vrn-export --from-onnx <model.onnx>`")
+    meta = read_metadata(engine_path)
+    rebuild = rebuild_command(engine_path, meta)
+    size = engine_path.stat().st_size
+    if size != meta.engine_bytes or sha256_file(engine_path) != meta.engine_sha256:
+        raise EngineError(f"{engine_path}: engine file is truncated or corrupt ({size} bytes, "
+                          f"its metadata says {meta.engine_bytes}, or the checksum differs); "
+                          f"rebuild it with `{rebuild}`")
+    if tensorrt_version is None:
+        tensorrt_version = installed_tensorrt_version()
+        if tensorrt_version is None:
+            raise BackendUnavailableError(f"{engine_path}: TensorRT is not installed here "
+                                          "(`import tensorrt` failed)")
+    if tensorrt_version != meta.tensorrt_version:
+        raise EngineError(f"{engine_path}: built with TensorRT {meta.tensorrt_version}, this "
+                          f"machine has TensorRT {tensorrt_version}; engines are not portable "
+                          f"between versions: rebuild it here with `{rebuild}`")
+    if gpu is None:
+        gpu = current_gpu()
+        if gpu is None:
+            raise BackendUnavailableError(f"{engine_path}: no CUDA GPU found on this machine")
+    if gpu.compute_capability != meta.compute_capability:
+        raise EngineError(f"{engine_path}: built for {meta.gpu_name} (compute capability "
+                          f"{meta.compute_capability}), this machine has {gpu.name} (compute "
+                          f"capability {gpu.compute_capability}); rebuild it here with "
+                          f"`{rebuild}`")
+    if onnx is not None:
+        onnx_sha = sha256_file(onnx)
+        if onnx_sha != meta.onnx_sha256:
+            raise EngineError(f"{engine_path}: built from a different ONNX file than {onnx} "
+                              f"(SHA-256 {meta.onnx_sha256[:12]}... vs {onnx_sha[:12]}...); "
+                              f"rebuild it with `vrn-export --from-onnx {onnx}`")
+    return meta
+
+
+def load_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | None = None):
+    """Check ``engine_path`` (:func:`check_engine`) and deserialize it.
+
+    Returns ``(engine, metadata)``: a ``tensorrt.ICudaEngine`` and its
+    :class:`EngineMetadata`. Raises :class:`EngineError` when TensorRT rejects the file.
+    """
+    meta = check_engine(engine_path, onnx=onnx)
+    engine = tensorrt_runtime().deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise EngineError(f"{engine_path}: TensorRT could not deserialize the engine (see its "
+                          f"messages above); rebuild it with "
+                          f"`{rebuild_command(engine_path, meta)}`")
+    return engine, meta
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_runtime():
+    """One ``tensorrt.Runtime`` per process; it outlives every engine it deserializes."""
+    from .tensorrt_build import import_tensorrt, tensorrt_logger
+
+    trt = import_tensorrt()
+    return trt.Runtime(tensorrt_logger())
+
+
+def installed_tensorrt_version() -> str | None:
+    """``tensorrt.__version__``, or ``None`` when TensorRT does not import."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
+
+
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+def current_gpu(device: int = 0) -> GpuInfo | None:
+    """Name and compute capability of CUDA device ``device``, from the CUDA driver
+    (``libcuda``, present wherever an NVIDIA driver is, Jetson included); ``None``
+    without a driver or device."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    gpu_name = ctypes.create_string_buffer(256)
+    if (lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(handle), device) != 0
+            or lib.cuDeviceGetName(gpu_name, len(gpu_name), handle) != 0
+            or lib.cuDeviceGetAttribute(ctypes.byref(major),
+                                        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle) != 0
+            or lib.cuDeviceGetAttribute(ctypes.byref(minor),
+                                        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle) != 0):
+        return None
+    return GpuInfo(gpu_name.value.decode(errors="replace"), f"{major.value}.{minor.value}")

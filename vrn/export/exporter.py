@@ -1,0 +1,514 @@
+"""The one exporter behind ``vrn-export``: weights -> fp32 ONNX -> fp16 ONNX -> TensorRT
+engine, each step checked, timed and reported the same way, then ``export.json`` and a
+summary of the files written and how to use them.
+
+Every file is written atomically, and each is published under its final name only
+after its checks passed (graph checks, then parity), so an interrupted or failed export
+never leaves a half-written or unverified file behind; ``export.json`` comes last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, TextIO
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_text_atomic
+from ..errors import BackendUnavailableError, VRNError
+from ..model import BN_MODES, count_parameters, load_model, set_bn_mode
+from ..model.checkpoint import model_info
+from .engine_file import current_gpu, sha256_file, sidecar_path
+from .onnx_export import DEFAULT_OPSET, export_onnx, graph_io
+from .parity import (ParityReport, check_parity, format_table, onnxruntime_runner,
+                     parity_inputs, torch_runner)
+
+ONNX_NAME = "vrn.onnx"
+FP16_NAME = "vrn.fp16.onnx"
+REPORT_NAME = "export.json"
+REPORT_FORMAT = "vrn-export/1"
+ENGINE_MODES = ("auto", "yes", "no")
+DEFAULT_MAX_BATCH = 4
+
+
+class ExportError(VRNError):
+    """An export step failed its checks (parity, graph checks) or cannot run."""
+
+
+class Exporter:
+    """Export a VRN model for deployment.
+
+    Parameters
+    ----------
+    outdir : path
+        Output folder (created if missing).
+    fp16 : bool
+        Also write ``vrn.fp16.onnx`` (fp16 compute, fp32 input and output) and build the
+        engine from it.
+    max_batch : int
+        Largest batch of the dynamic batch dimension and of the engine's profile.
+    opset : int
+        ONNX opset.
+    workspace_gb : float, optional
+        TensorRT builder workspace limit (GiB).
+    engine : {"auto", "yes", "no"}
+        Build a TensorRT engine: when TensorRT and a GPU are here, always (failing if
+        it cannot), or never.
+    bn_mode : {"running", "instance"}, optional
+        Batch-norm mode to export (default: the weights' own).
+    verify : bool
+        Run the parity checks (a failing check fails the export).
+    out : text stream
+        Where progress lines and the summary go.
+    progress : bool, optional
+        Show a spinner with the elapsed time during slow steps (default: when stderr
+        is a terminal).
+    random_inputs : int
+        Number of random images in the parity checks (the face crop is always used).
+    """
+
+    def __init__(self, outdir, *, fp16: bool = False, max_batch: int = DEFAULT_MAX_BATCH,
+                 opset: int = DEFAULT_OPSET, workspace_gb: float | None = None,
+                 engine: str = "auto", bn_mode: str | None = None, verify: bool = True,
+                 out: TextIO | None = None, progress: bool | None = None,
+                 random_inputs: int = 3):
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if engine not in ENGINE_MODES:
+            raise ValueError(f"engine must be one of {ENGINE_MODES}, got {engine!r}")
+        if bn_mode is not None and bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if workspace_gb is not None and not workspace_gb > 0:
+            raise ValueError(f"workspace must be a positive number of GiB, got {workspace_gb}")
+        self.outdir = Path(outdir)
+        self.fp16 = fp16
+        self.max_batch = int(max_batch)
+        self.opset = opset
+        self.workspace_gb = workspace_gb
+        self.engine = engine
+        self.bn_mode = bn_mode
+        self.verify = verify
+        self.out = out or sys.stdout
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.random_inputs = random_inputs
+        self.steps: list[dict] = []
+        self.files: list[Path] = []
+        self.parity: dict[str, ParityReport] = {}
+        self.notes: list[str] = []
+        self.elapsed = 0.0
+
+    # -- the two pipelines -------------------------------------------------------------
+
+    def export(self, weights=None) -> dict:
+        """Export ``weights`` (a ``.t7``, a vrn-edge ``.safetensors``, ``None`` for the
+        package default, or a loaded model) and return the ``export.json`` report."""
+        start = time.perf_counter()
+        self._prepare_outdir()
+        model = self._step("weights", lambda: self._load(weights))
+        info = model_info(model)
+        inputs = None
+        if self.verify:
+            channels = 3 if info.architecture == "VRNGuided" else model.config.in_channels
+            inputs = parity_inputs(channels, model.config.input_size,
+                                   random_count=self.random_inputs)
+            reference = _cached(torch_runner(model))
+        fp32_path = self.outdir / ONNX_NAME
+        metadata = {**info.to_metadata(), "max_batch": self.max_batch}
+        with atomic_path(fp32_path) as tmp:
+            graph = self._step("ONNX", lambda: self._export_onnx(model, tmp, metadata),
+                               slow=True)
+            if self.verify:
+                self._step("ONNX parity", lambda: self._verify(
+                    "ONNX fp32 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
+                    "fp32", trained=info.trained), slow=True)
+        self.files.append(fp32_path)
+        target = fp32_path
+        if self.fp16:
+            fp16_path = self.outdir / FP16_NAME
+            with atomic_path(fp16_path) as tmp:
+                self._step("fp16", lambda: self._export_fp16(fp32_path, tmp))
+                if self.verify:
+                    self._step("fp16 parity", lambda: self._verify(
+                        "ONNX fp16 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
+                        "fp16", trained=info.trained), slow=True)
+            self.files.append(fp16_path)
+            target = fp16_path
+        engine_meta = self._engine_steps(target, inputs, trained=info.trained)
+        report = self._report(start, model=model, weights=weights, graph=graph,
+                              engine=engine_meta)
+        self._summary(report)
+        return report
+
+    def export_from_onnx(self, onnx_path) -> dict:
+        """Build (and check) the TensorRT engine for ``onnx_path`` on this machine and
+        return the report; the engine goes to ``outdir``."""
+        start = time.perf_counter()
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ExportError(f"{onnx_path}: ONNX file not found")
+        if self.engine == "no":
+            raise ExportError("--from-onnx builds an engine; --engine no leaves nothing to do")
+        self._prepare_outdir()
+        meta = self._step("ONNX", lambda: self._read_onnx(onnx_path))
+        inputs = None
+        if self.verify:
+            inputs = parity_inputs(meta["channels"], meta["size"],
+                                   random_count=self.random_inputs)
+        trained = meta["metadata"].get("trained", "true") != "false"
+        engine_meta = self._engine_steps(onnx_path, inputs, trained=trained)
+        report = self._report(start, onnx_path=onnx_path, engine=engine_meta,
+                              onnx_meta=meta)
+        self._summary(report)
+        return report
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _prepare_outdir(self) -> None:
+        if self.outdir.exists() and not self.outdir.is_dir():
+            raise ExportError(f"{self.outdir}: exists and is not a folder")
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.outdir):
+                pass
+        except OSError as exc:
+            raise ExportError(f"{self.outdir}: cannot write to the output folder "
+                              f"({exc.strerror or exc})") from None
+
+    def _load(self, weights):
+        if isinstance(weights, torch.nn.Module):
+            model, source = weights.eval(), "model given"
+            if self.bn_mode is not None and self.bn_mode != model_info(model).bn_mode:
+                model = copy.deepcopy(model)  # the caller's model keeps its mode
+                set_bn_mode(model, self.bn_mode)
+                if getattr(model, "info", None) is not None:
+                    model.info.bn_mode = self.bn_mode
+        else:
+            model = load_model(weights, bn_mode=self.bn_mode)
+            source = str(weights) if weights is not None else "package default"
+        info = model_info(model)
+        trained = "trained" if info.trained else "untrained"
+        return model, (f"{source}: {info.architecture}, {count_parameters(model):,} "
+                       f"parameters, {trained}, batch norm {info.bn_mode}")
+
+    def _export_onnx(self, model, path: Path, metadata: dict):
+        graph = export_onnx(model, path, max_batch=self.max_batch, opset=self.opset,
+                            metadata=metadata)
+        counts = ", ".join(f"{graph.op_counts.get(op, 0)} {op}" for op in
+                           ("Conv", "InstanceNormalization") if graph.op_counts.get(op))
+        folded = (f", {graph.folded_batch_norms} batch norms folded, "
+                  f"{graph.affine_batch_norms} as Mul+Add" if graph.bn_mode == "running" else "")
+        return graph, (f"opset {graph.opset}, batch 1..{graph.max_batch}, {counts}{folded}, "
+                       f"{_size(path)}")
+
+    def _export_fp16(self, src: Path, dst: Path):
+        from .fp16 import export_fp16
+
+        summary = export_fp16(src, dst)
+        kept = ", ".join(f"{n} {op}" for op, n in sorted(summary.fp32_ops.items()))
+        return summary, (f"{summary.fp16_nodes} nodes fp16, kept fp32: {kept or 'none'}; "
+                         f"{summary.casts_added} casts, {_size(dst)}")
+
+    def _read_onnx(self, path: Path):
+        import onnx
+
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:  # protobuf decode errors share no base class
+            raise ExportError(f"{path}: not a readable ONNX file ({exc})") from None
+        from .fp16 import graph_precision
+
+        inputs, outputs = graph_io(proto)
+        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0]["shape"]) != 4:
+            raise ExportError(f"{path}: expected one (N, C, S, S) input and one output")
+        shape = inputs[0]["shape"]
+        meta = {"metadata": {p.key: p.value for p in proto.metadata_props},
+                "precision": graph_precision(proto), "inputs": inputs, "outputs": outputs,
+                "channels": int(shape[1]), "size": int(shape[2])}
+        return meta, (f"{path.name}: {meta['precision']}, input {shape}, "
+                      f"{_size(path)}, SHA-256 {sha256_file(path)[:12]}...")
+
+    def _verify(self, name, reference, candidate, inputs, precision, *, trained):
+        report = check_parity(reference, candidate, inputs, name=name, precision=precision,
+                              max_batch=self.max_batch,
+                              enforced=trained or precision == "fp32")
+        self.parity[name] = report
+        table = format_table([report])
+        if not report.passed and (report.enforced or not report.sane):
+            raise ExportError(f"{name}: parity check failed ({report.criterion}); "
+                              f"nothing was written under the final name\n{table}")
+        if not report.passed:
+            self.notes.append(f"{name}: below the target {report.criterion} (min IoU "
+                              f"{report.min_iou:.5f}), accepted because the weights are "
+                              "untrained: their volume hovers around 0.5, where tiny "
+                              "differences flip occupancy")
+        verdict = "pass" if report.passed else "below target, untrained weights"
+        return report, (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
+                        f"min IoU {report.min_iou:.5f}: {verdict}\n{table}")
+
+    def _engine_steps(self, onnx_path: Path, inputs, *, trained: bool):
+        """Build the engine for ``onnx_path`` per ``self.engine``; returns its metadata
+        dict or ``None`` when no engine is built."""
+        if self.engine == "no":
+            self.notes.append("TensorRT: skipped (--engine no)")
+            return None
+        from .tensorrt_build import import_tensorrt
+
+        try:
+            import_tensorrt()
+            if current_gpu() is None:
+                raise BackendUnavailableError("no CUDA GPU found on this machine")
+        except BackendUnavailableError as exc:
+            if self.engine == "yes":
+                raise ExportError(f"cannot build a TensorRT engine: {exc}") from None
+            self.notes.append(f"no TensorRT engine built here; build it on the target GPU "
+                              f"with `vrn-export --from-onnx {onnx_path}`")
+            print(f"{'TensorRT':<14} {'':>8}  skipped: {exc}", file=self.out)
+            return None
+        engine_path = onnx_path.with_suffix(".engine")
+        if engine_path.parent != self.outdir:
+            engine_path = self.outdir / engine_path.name
+        return self._step("TensorRT", lambda: self._build_and_verify(
+            onnx_path, engine_path, inputs, trained=trained), slow=True)
+
+    def _build_and_verify(self, onnx_path: Path, engine_path: Path, inputs, *, trained):
+        import onnx
+
+        from .engine_file import tensorrt_runtime
+        from .fp16 import graph_precision
+        from .tensorrt_build import build_engine, engine_runner
+
+        precision = graph_precision(onnx.load(str(onnx_path)))
+        parity = ""
+        with atomic_path(engine_path) as tmp:
+            try:
+                build = build_engine(onnx_path, tmp, max_batch=self.max_batch,
+                                     workspace_gb=self.workspace_gb, precision=precision,
+                                     timing_cache=self.outdir / "timing.cache")
+                if self.verify:
+                    engine = tensorrt_runtime().deserialize_cuda_engine(tmp.read_bytes())
+                    _, parity = self._verify(f"TensorRT {precision} vs ONNX Runtime",
+                                             _cached(onnxruntime_runner(onnx_path)),
+                                             engine_runner(engine), inputs, precision,
+                                             trained=trained)
+            finally:
+                sidecar_path(tmp).unlink(missing_ok=True)
+        write_text_atomic(sidecar_path(engine_path), build.metadata.to_json())
+        self.files += [engine_path, sidecar_path(engine_path), build.timing_cache_path]
+        layers = ", ".join(f"{n} {k}" for k, n in sorted(build.metadata.layer_precisions.items()))
+        cache = "reused" if build.timing_cache_reused else "new"
+        return build.metadata, (f"{engine_path.name}: TensorRT {build.metadata.tensorrt_version} "
+                                f"on {build.metadata.gpu_name}, built in "
+                                f"{build.build_seconds:.1f} s, layers {layers}, timing cache "
+                                f"{cache}, {_size(engine_path)}"
+                                + (f"\nparity: {parity}" if parity else ""))
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _step(self, name: str, fn: Callable, *, slow: bool = False):
+        """Run one step: ``fn()`` returns ``(result, message)``; print
+        ``name  seconds  message`` (further lines of the message indented below) and
+        record it. Slow steps show a spinner."""
+        start = time.perf_counter()
+        try:
+            with _spinner(f"{name}: running", enabled=slow and self.progress):
+                result, message = fn()
+        except VRNError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise ExportError(f"{name}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        first, _, details = message.partition("\n")
+        self.steps.append({"step": name, "seconds": round(seconds, 3), "result": first})
+        print(f"{name:<14} {seconds:6.1f} s  {first}", file=self.out)
+        if details:
+            print("\n".join(f"    {line}" for line in details.splitlines()), file=self.out)
+        return result
+
+    def _report(self, start: float, *, engine, model=None, weights=None, graph=None,
+                onnx_path=None, onnx_meta=None) -> dict:
+        """Write ``export.json`` (atomically, last) and return it. An engine built with
+        ``--from-onnx`` next to the export that made its ONNX file is added to that
+        export's report rather than replacing it."""
+        files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                 for path in self.files if path.is_file()}
+        new = {
+            "format": REPORT_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "gpu": _gpu(),
+            "options": {"fp16": self.fp16, "max_batch": self.max_batch, "opset": self.opset,
+                        "workspace_gb": self.workspace_gb, "engine": self.engine,
+                        "bn_mode": self.bn_mode, "verify": self.verify},
+            "batch": {"min": 1, "max": self.max_batch},
+            "steps": self.steps,
+            "parity": {name: rep.to_dict() for name, rep in self.parity.items()},
+            "engine": _engine_summary(engine),
+            "notes": self.notes,
+        }
+        if model is not None:
+            info = model_info(model)
+            inputs, outputs = graph_io_shapes(graph)
+            new.update({
+                "source": {"weights": None if weights is None or isinstance(
+                    weights, torch.nn.Module) else str(weights)},
+                "model": {"architecture": info.architecture, "config": info.config.to_dict(),
+                          "landmark_config": (info.landmark_config.to_dict()
+                                              if info.landmark_config else None),
+                          "parameters": count_parameters(model), "trained": info.trained,
+                          "provenance": info.provenance, "color_order": info.color_order,
+                          "input_range": info.input_range, "z_scale": info.z_scale},
+                "bn_mode": graph.bn_mode, "opset": graph.opset, "op_counts": graph.op_counts,
+                "inputs": inputs, "outputs": outputs, "files": files,
+            })
+            report = new
+        else:
+            onnx_sha = sha256_file(onnx_path)
+            report = self._export_report_of(onnx_path, onnx_sha)
+            if report is None:
+                new.update({"source": {"onnx": str(onnx_path), "onnx_sha256": onnx_sha},
+                            "model": onnx_meta["metadata"], "inputs": onnx_meta["inputs"],
+                            "outputs": onnx_meta["outputs"], "files": files})
+                report = new
+            else:
+                report["engine_build"] = {k: new[k] for k in ("created", "versions", "gpu",
+                                                              "options", "batch", "steps")}
+                report["engine"] = new["engine"]
+                report["parity"] = {**report.get("parity", {}), **new["parity"]}
+                report["notes"] = [*report.get("notes", []), *self.notes]
+                report["files"] = {**report.get("files", {}), **files}
+        self.elapsed = round(time.perf_counter() - start, 3)
+        if report is new:
+            report["total_seconds"] = self.elapsed
+        else:
+            report["engine_build"]["total_seconds"] = self.elapsed
+        write_text_atomic(self.outdir / REPORT_NAME,
+                          json.dumps(report, indent=2, default=_json_default) + "\n")
+        self.files.append(self.outdir / REPORT_NAME)
+        return report
+
+    def _export_report_of(self, onnx_path: Path, onnx_sha: str) -> dict | None:
+        """The ``export.json`` in ``outdir`` when it is the report of the export that
+        wrote ``onnx_path`` (same file name and SHA-256), else ``None``."""
+        try:
+            report = json.loads((self.outdir / REPORT_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+            return None
+        entry = report.get("files", {}).get(onnx_path.name, {})
+        return report if entry.get("sha256") == onnx_sha else None
+
+    def _summary(self, report: dict) -> None:
+        print(f"\nvrn-export: done in {self.elapsed:.1f} s, wrote:", file=self.out)
+        for path in self.files:
+            print(f"  {str(path):<48} {_size(path):>9}", file=self.out)
+        for note in self.notes:
+            print(f"note: {note}", file=self.out)
+        engines = [p for p in self.files if p.suffix == ".engine"]
+        onnx_files = [p for p in self.files if p.suffix == ".onnx"]
+        print("next:", file=self.out)
+        if engines:
+            print(f"  vrn-live --engine {engines[0]}", file=self.out)
+        if onnx_files:
+            print(f"  vrn-live --weights {onnx_files[0]}    (ONNX Runtime)", file=self.out)
+            print(f"  vrn-export --from-onnx {onnx_files[-1]}    (engine on a target GPU)",
+                  file=self.out)
+
+
+def graph_io_shapes(graph) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of an :class:`~.onnx_export.OnnxExport` as report entries."""
+    return ([{"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32"}],
+            [{"name": graph.output_name, "shape": graph.output_shape, "dtype": "float32"}])
+
+
+def _engine_summary(metadata) -> dict | None:
+    if metadata is None:
+        return None
+    from dataclasses import asdict
+
+    return asdict(metadata)
+
+
+def _cached(runner):
+    """Memoise a runner on the bytes of its input (references run once per input)."""
+    memo = {}
+
+    def run(image: np.ndarray) -> np.ndarray:
+        key = (image.shape, image.tobytes())
+        if key not in memo:
+            memo[key] = runner(image)
+        return memo[key]
+
+    return run
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from .. import __version__
+    from .engine_file import installed_tensorrt_version
+
+    return {"vrn": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "tensorrt": installed_tensorrt_version()}
+
+
+def _gpu() -> dict | None:
+    gpu = current_gpu()
+    return None if gpu is None else {"name": gpu.name,
+                                     "compute_capability": gpu.compute_capability}
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _size(path: Path) -> str:
+    size = Path(path).stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+@contextlib.contextmanager
+def _spinner(description: str, *, enabled: bool):
+    """A tqdm line with the elapsed time, refreshed twice a second, on stderr."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=description, bar_format="{desc} {elapsed}", leave=False,
+               file=sys.stderr)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()

@@ -1,0 +1,343 @@
+"""ONNX -> TensorRT engine (TensorRT 10.3 to 11.x), inspected after the build.
+
+The canonical strongly typed path: the engine's precision is the ONNX graph's (an fp16
+engine comes from :mod:`.fp16`'s graph); no precision builder flag is ever set, so
+there is no weakly typed fallback to drift into. TensorRT 11 is always strongly typed
+and deprecates ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; 10.x needs the flag.
+
+Build: ``parse_from_file``, a workspace limit, one optimization profile over the batch
+range, the timing cache read from and written back beside the engine, detailed
+profiling verbosity (for the inspector), ``build_serialized_network``. Then the engine
+is deserialized and inspected with concrete shapes; an fp16 graph whose engine holds no
+fp16 layer fails the build.
+
+``tensorrt`` is imported inside the functions; nothing here runs without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_bytes_atomic
+from ..errors import BackendUnavailableError, EngineError
+from .engine_file import EngineMetadata, current_gpu, sha256_file, write_engine
+
+MIN_VERSION = (10, 3)
+TESTED_MAJORS = (10, 11)
+TIMING_CACHE_NAME = "timing.cache"
+
+
+def import_tensorrt():
+    """Import ``tensorrt`` or raise :class:`BackendUnavailableError` saying why.
+
+    Versions before 10.3 are refused (no strongly typed ONNX path we rely on).
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"TensorRT is not available ({exc}); install it (`pip install tensorrt` on a "
+            "desktop GPU; on Jetson it comes with JetPack: create the venv with "
+            "--system-site-packages)") from None
+    version = parse_version(trt.__version__)
+    if version[:2] < MIN_VERSION:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; vrn-export "
+                                      f"needs {MIN_VERSION[0]}.{MIN_VERSION[1]} or newer")
+    return trt
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)`` (non-numeric parts end the tuple)."""
+    parts = []
+    for piece in str(text).split("."):
+        match = re.match(r"\d+", piece)
+        if not match:
+            break
+        parts.append(int(match.group()))
+    return tuple(parts) or (0,)
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_logger():
+    """One ``tensorrt.Logger`` (warnings and errors) per process."""
+    trt = import_tensorrt()
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def network_flags(trt) -> int:
+    """``create_network`` flags: ``STRONGLY_TYPED`` on 10.x; none on 11+, where every
+    network is strongly typed and the flag is deprecated."""
+    if parse_version(trt.__version__)[0] >= 11:
+        return 0
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} has no strongly typed "
+                                      "networks; vrn-export needs 10.3 or newer")
+    return 1 << int(flag)
+
+
+def classify_precision(description: str) -> str:
+    """``"fp16"``, ``"fp32"``, ``"int8"`` or ``"unknown"`` for a tensor's data type or
+    format string from the engine inspector (``"Half"``, ``"Row major linear FP16
+    format"``, ``"Float"``, ``"Channel major FP32 format where ..."``)."""
+    text = description.lower()
+    if re.search(r"\bfp16\b|\bhalf\b", text):
+        return "fp16"
+    if re.search(r"\bint8\b", text):
+        return "int8"
+    if re.search(r"\bfp32\b|\bfloat\b", text):
+        return "fp32"
+    return "unknown"
+
+
+def layer_precisions(information: dict) -> Counter:
+    """Count layers by precision in the inspector's JSON (``get_engine_information``).
+
+    A layer counts as fp16 when any of its inputs or outputs is fp16, else by its first
+    known type. Tensor types are read from ``"DataType"`` (TensorRT 11) or
+    ``"Format/Datatype"`` (10.x). Layers given as bare names (the engine was built
+    without detailed profiling verbosity) count as ``"unknown"``.
+    """
+    counts: Counter = Counter()
+    for layer in information.get("Layers", []):
+        if not isinstance(layer, dict):
+            counts["unknown"] += 1
+            continue
+        kinds = []
+        for tensor in [*layer.get("Inputs", []), *layer.get("Outputs", [])]:
+            if isinstance(tensor, dict):
+                text = tensor.get("DataType") or tensor.get("Format/Datatype") or ""
+                kinds.append(classify_precision(str(text)))
+        known = [k for k in kinds if k != "unknown"]
+        counts["fp16" if "fp16" in known else (known[0] if known else "unknown")] += 1
+    return counts
+
+
+def inspect_engine(engine, input_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The inspector's JSON for ``engine`` with concrete ``input_shapes`` set on an
+    execution context (with dynamic shapes and no context, TensorRT reports no formats)."""
+    trt = import_tensorrt()
+    context = engine.create_execution_context()
+    for name, shape in input_shapes.items():
+        if not context.set_input_shape(name, shape):
+            raise EngineError(f"engine rejects input shape {shape} for {name!r}")
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def engine_io(engine) -> tuple[list[dict], list[dict]]:
+    """``(inputs, outputs)`` of an engine as ``{"name", "shape", "dtype"}`` dicts (shape
+    with ``-1`` for dynamic dimensions)."""
+    trt = import_tensorrt()
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        entry = {"name": name, "shape": [int(d) for d in engine.get_tensor_shape(name)],
+                 "dtype": np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name}
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        (inputs if is_input else outputs).append(entry)
+    return inputs, outputs
+
+
+@dataclass
+class EngineBuild:
+    """What :func:`build_engine` wrote and measured."""
+
+    engine_path: Path
+    metadata: EngineMetadata
+    build_seconds: float
+    timing_cache_path: Path
+    timing_cache_reused: bool
+
+
+def _timing_cache(config, path: Path) -> bool:
+    """Attach the timing cache stored at ``path`` (or a fresh one) to ``config``;
+    ``True`` when a stored cache was accepted."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data) if data else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return True
+    # Missing, corrupt, or from another device or version: start afresh.
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return False
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
+                 max_batch: int, min_batch: int = 1, opt_batch: int | None = None,
+                 workspace_gb: float | None = None, precision: str,
+                 timing_cache: str | os.PathLike | None = None) -> EngineBuild:
+    """Build ``engine_path`` (and its sidecar) from ``onnx_path`` on this GPU.
+
+    Parameters
+    ----------
+    onnx_path : path
+        fp32 or fp16 graph with a dynamic batch dimension (first axis of each input).
+    engine_path : path
+        Written atomically with ``<engine>.json`` beside it.
+    max_batch, min_batch, opt_batch : int
+        The optimization profile's batch range; ``opt_batch`` defaults to ``max_batch``.
+    workspace_gb : float, optional
+        Limit on the builder's workspace memory pool (GiB); TensorRT's default otherwise.
+    precision : {"fp16", "fp32"}
+        The graph's compute precision. For ``"fp16"`` the built engine must hold fp16
+        layers; for ``"fp32"`` TF32 is switched off so results match fp32 references.
+    timing_cache : path, optional
+        Timing cache file, read if present and written back after the build
+        (default: ``timing.cache`` beside the engine).
+    """
+    from .onnx_export import onnx_metadata
+
+    trt = import_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not 1 <= min_batch <= max_batch:
+        raise ValueError(f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}")
+    opt_batch = opt_batch or max_batch
+    cache_path = Path(timing_cache) if timing_cache else engine_path.parent / TIMING_CACHE_NAME
+    gpu = current_gpu()
+    if gpu is None:
+        raise BackendUnavailableError("no CUDA GPU found: engines are built on the GPU "
+                                      "that will run them")
+
+    logger = tensorrt_logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
+
+    config = builder.create_builder_config()
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if precision == "fp32" and tf32 is not None:
+        config.clear_flag(tf32)
+    profile = builder.create_optimization_profile()
+    shapes = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise EngineError(f"{onnx_path}: input {tensor.name!r} has dynamic dimensions "
+                              f"other than the batch: {shape}")
+        profile.set_shape(tensor.name, [min_batch, *shape[1:]], [opt_batch, *shape[1:]],
+                          [max_batch, *shape[1:]])
+        shapes[tensor.name] = (opt_batch, *shape[1:])
+    config.add_optimization_profile(profile)
+    cache_reused = _timing_cache(config, cache_path)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its "
+                          "messages above)")
+    engine_bytes = bytes(serialized)
+    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+
+    from .engine_file import tensorrt_runtime
+
+    engine = tensorrt_runtime().deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise EngineError(f"{onnx_path}: TensorRT built an engine it cannot deserialize")
+    precisions = layer_precisions(inspect_engine(engine, shapes))
+    if precision == "fp16" and not precisions.get("fp16"):
+        raise EngineError(f"{onnx_path}: the fp16 graph built an engine without a single fp16 "
+                          f"layer ({dict(precisions)}); refusing a silent fp32 engine")
+    inputs, outputs = engine_io(engine)
+    metadata = EngineMetadata(
+        tensorrt_version=str(trt.__version__), gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        onnx_file=os.path.relpath(onnx_path.resolve(), engine_path.parent.resolve()),
+        onnx_sha256=sha256_file(onnx_path), engine_sha256="", engine_bytes=0,
+        precision=precision, inputs=inputs, outputs=outputs,
+        batch={"min": min_batch, "opt": opt_batch, "max": max_batch},
+        layer_precisions=dict(precisions), model_info=onnx_metadata(onnx_path),
+        build_seconds=round(seconds, 3),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_engine(engine_path, engine_bytes, metadata)
+    return EngineBuild(engine_path=engine_path, metadata=metadata, build_seconds=seconds,
+                       timing_cache_path=cache_path, timing_cache_reused=cache_reused)
+
+
+def engine_runner(engine):
+    """A parity runner (``(N, C, S, S)`` float32 -> ``(N, D, S, S)`` float32) for an
+    engine with one input and one output, with device buffers from PyTorch (CUDA build)
+    or, failing that, pycuda."""
+    trt = import_tensorrt()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise EngineError(f"expected an engine with one input and one output, got "
+                          f"{inputs} and {outputs}")
+    for name in names:
+        if engine.get_tensor_dtype(name) != trt.float32:
+            raise EngineError(f"engine tensor {name!r} is {engine.get_tensor_dtype(name)}, "
+                              "expected float32")
+    context = engine.create_execution_context()
+    execute = _device_executor()
+
+    def run(image: np.ndarray) -> np.ndarray:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if not context.set_input_shape(inputs[0], image.shape):
+            raise EngineError(f"engine rejects input shape {image.shape} (batch outside "
+                              "its optimization profile?)")
+        out_shape = tuple(int(d) for d in context.get_tensor_shape(outputs[0]))
+        return execute(context, inputs[0], image, outputs[0], out_shape)
+
+    return run
+
+
+def _device_executor():
+    """``execute(context, input_name, image, output_name, output_shape) -> ndarray``
+    using PyTorch's CUDA tensors, or pycuda (primary context) without them."""
+    try:
+        import torch
+        cuda_torch = torch.cuda.is_available()
+    except ImportError:
+        cuda_torch = False
+    if cuda_torch:
+        def execute(context, input_name, image, output_name, out_shape):
+            device_in = torch.from_numpy(image).cuda()
+            device_out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+            context.set_tensor_address(input_name, device_in.data_ptr())
+            context.set_tensor_address(output_name, device_out.data_ptr())
+            stream = torch.cuda.current_stream()
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise EngineError("TensorRT execution failed (see its messages above)")
+            stream.synchronize()
+            return device_out.cpu().numpy()
+        return execute
+    try:
+        import pycuda.autoprimaryctx  # noqa: F401  (shares the primary context)
+        import pycuda.driver as cuda
+    except ImportError:
+        raise BackendUnavailableError("running an engine needs PyTorch with CUDA or pycuda "
+                                      "(`pip install 'vrn-edge[gpu]'`)") from None
+
+    def execute(context, input_name, image, output_name, out_shape):
+        out = np.empty(out_shape, dtype=np.float32)
+        device_in, device_out = cuda.mem_alloc(image.nbytes), cuda.mem_alloc(out.nbytes)
+        stream = cuda.Stream()
+        cuda.memcpy_htod(device_in, image)
+        context.set_tensor_address(input_name, int(device_in))
+        context.set_tensor_address(output_name, int(device_out))
+        if not context.execute_async_v3(stream.handle):
+            raise EngineError("TensorRT execution failed (see its messages above)")
+        stream.synchronize()
+        cuda.memcpy_dtoh(out, device_out)
+        return out
+    return execute
