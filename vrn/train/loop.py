@@ -1,0 +1,382 @@
+"""The paper's training recipe for VRN models (SPEC section 3), on CPU, one GPU, or many
+with ``torchrun`` (PyTorch DDP).
+
+- loss: per-voxel sigmoid cross-entropy on the logits (:meth:`VRN.logits`), averaged over
+  voxels; optionally evaluated on a coarser ``loss_size`` x ``loss_size`` grid (the
+  logits are bilinearly resized there from the trunk's output, ``align_corners=True``
+  like the full-size head, and the target is sampled at the same points), which cuts
+  the cost of the 200-channel loss on small machines. VRN-Multitask and VRN-Guided add
+  the same loss on 68 Gaussian landmark heatmaps (sigma 3 crop pixels);
+- RMSProp, learning rate ``lr`` (1e-4) lowered to ``lr_after_drop`` (1e-5) from epoch
+  ``lr_drop_epoch`` on;
+- joint augmentation of image and target: rotation, scale, translation, horizontal flip
+  (20%) and per-channel colour scaling (0.6-1.4); the target's depth is scaled with the
+  image about the volume's front anchor, so the face keeps its proportions;
+- checkpoints in our safetensors format (``last.safetensors``, with full
+  :class:`~vrn.model.ModelInfo` metadata) plus ``last-optimizer.pt`` (tensors and
+  numbers only, loaded with ``weights_only=True``) to resume; a CSV log.
+
+Samples are ``(image, top)`` or ``(image, top, landmarks)``: ``image`` ``(S, S, 3)``
+uint8 RGB crop, ``top`` ``(S, S)`` uint8 (:func:`vrn.data.voxelize.top_map`),
+``landmarks`` ``(68, 2+)`` float crop pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..atomic import atomic_path
+from ..data.voxelize import FRONT_MARGIN, THICKNESS
+from ..model import ModelInfo, VRNConfig, build_model, load_checkpoint, save_checkpoint
+from ..model.vrn import NUM_LANDMARKS
+
+CHECKPOINT = "last.safetensors"
+OPTIMIZER_STATE = "last-optimizer.pt"
+LOG = "log.csv"
+
+
+@dataclass
+class Augmentation:
+    """Per-sample joint augmentation ranges (the paper's, SPEC section 3)."""
+
+    rotation: float = 45.0
+    translation: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    flip: float = 0.2
+    color: tuple[float, float] = (0.6, 1.4)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides its data."""
+
+    architecture: str = "VRN"
+    model: VRNConfig = field(default_factory=VRNConfig)
+    bn_mode: str = "instance"
+    epochs: int = 60
+    batch_size: int = 8
+    lr: float = 1e-4
+    lr_after_drop: float = 1e-5
+    lr_drop_epoch: int = 40
+    thickness: int = THICKNESS
+    loss_size: int | None = None
+    augmentation: Augmentation | None = field(default_factory=Augmentation)
+    workers: int = 0
+    threads: int | None = None
+    seed: int = 0
+    save_every: int = 200
+    max_minutes: float | None = None
+    provenance: str = ""
+    device: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+def augment_sample(image: np.ndarray, top: np.ndarray, landmarks: np.ndarray | None,
+                   aug: Augmentation, rng: np.random.Generator, *, depth: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Apply one random joint augmentation to ``image`` ``(S, S, 3)`` uint8, ``top``
+    ``(S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in [0, 1],
+    uint8 top and float32 landmarks."""
+    s = image.shape[0]
+    c = (s - 1) / 2.0
+    angle = rng.uniform(-aug.rotation, aug.rotation)
+    scale = rng.uniform(*aug.scale)
+    shift = rng.uniform(-aug.translation, aug.translation, 2)
+    m = cv2.getRotationMatrix2D((c, c), angle, scale)
+    m[:, 2] += shift
+    img = cv2.warpAffine(image, m, (s, s), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    warped = cv2.warpAffine(top, m, (s, s), flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
+    anchor = depth - FRONT_MARGIN
+    covered = warped > 0
+    warped[covered] = np.clip(np.round(anchor + scale * (warped[covered] - anchor)), 1, depth)
+    top = warped.astype(np.uint8)
+    if landmarks is not None:
+        landmarks = (landmarks[:, :2] @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    if rng.random() < aug.flip:
+        img, top = img[:, ::-1], top[:, ::-1]
+        if landmarks is not None:
+            landmarks = landmarks.copy()
+            landmarks[:, 0] = s - 1 - landmarks[:, 0]
+            landmarks = landmarks[FLIP_68]
+    img = img.astype(np.float32) / 255 * rng.uniform(*aug.color, 3).astype(np.float32)
+    return np.clip(img, 0, 1), np.ascontiguousarray(top), landmarks
+
+
+# 68-point (iBUG) index permutation under a horizontal flip.
+FLIP_68 = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + list(range(27, 31))
+    + list(range(35, 30, -1)) + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + list(range(54, 47, -1)) + list(range(59, 54, -1)) + list(range(64, 59, -1))
+    + list(range(67, 64, -1)))
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Wraps an indexable of samples with augmentation; items are ``(image (3, S, S)
+    float32, top (S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
+
+    def __init__(self, samples, augmentation: Augmentation | None, *, depth: int = 200,
+                 seed: int = 0):
+        self.samples = samples
+        self.augmentation = augmentation
+        self.depth = depth
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        item = self.samples[index]
+        image, top = item[0], item[1]
+        landmarks = np.asarray(item[2], np.float32)[:, :2] if len(item) > 2 else None
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image, top, landmarks = augment_sample(image, top, landmarks, self.augmentation,
+                                                   rng, depth=self.depth)
+        else:
+            image = image.astype(np.float32) / 255
+        if landmarks is None:
+            landmarks = np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
+        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                torch.from_numpy(np.ascontiguousarray(top)), torch.from_numpy(landmarks))
+
+
+def volume_targets(top: torch.Tensor, *, depth: int, thickness: int, size: int
+                   ) -> torch.Tensor:
+    """Binary volumes ``(N, depth, size, size)`` float32 from top maps ``(N, S, S)``
+    sampled at the ``size`` x ``size`` grid that ``align_corners=True`` resizing uses."""
+    s = top.shape[-1]
+    if size != s:
+        idx = torch.round(torch.arange(size, dtype=torch.float64) * (s - 1) / (size - 1)).long()
+        top = top[:, idx][:, :, idx]
+    top = top.to(torch.int16)[:, None]
+    d = torch.arange(depth, dtype=torch.int16, device=top.device)[None, :, None, None]
+    return ((d < top) & (d >= top - thickness)).float()
+
+
+def heatmap_targets(landmarks: torch.Tensor, *, input_size: int, size: int,
+                    sigma: float = 3.0) -> torch.Tensor:
+    """Gaussian heatmaps ``(N, 68, size, size)`` of landmarks ``(N, 68, 2)`` crop pixels."""
+    grid = torch.arange(size, dtype=torch.float32) * (input_size - 1) / (size - 1)
+    x = landmarks[..., 0, None, None]
+    y = landmarks[..., 1, None, None]
+    g = torch.exp(-((grid[None, None, None, :] - x) ** 2 + (grid[None, None, :, None] - y) ** 2)
+                  / (2 * sigma ** 2))
+    return torch.nan_to_num(g, nan=0.0)
+
+
+def _trunk_logits(vrn: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    y = vrn.head(vrn.features(x))
+    return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def model_logits(model: nn.Module, x: torch.Tensor, size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(volume logits (N, D, size, size), heatmap logits (N, 68, size, size) or None)``."""
+    arch = model.architecture
+    if arch == "VRN":
+        return _trunk_logits(model, x, size), None
+    if arch == "VRNMultitask":
+        model._check_input(x)
+        h = model.stem(x)
+        first = None
+        for stack in model.stacks:
+            h = h + stack(h)
+            first = h if first is None else first
+        up = dict(size=(size, size), mode="bilinear", align_corners=True)
+        return (F.interpolate(model.head(h), **up),
+                F.interpolate(model.landmark_head(first), **up))
+    if arch == "VRNGuided":
+        full = model.landmark_config.input_size
+        heat_full = model.landmarks.logits(x)
+        guided = torch.cat([x, torch.sigmoid(heat_full)], dim=1)
+        heat = F.interpolate(heat_full, size=(size, size), mode="bilinear", align_corners=True)
+        return _trunk_logits(model.reconstruction, guided, size), heat
+    raise ValueError(f"cannot train architecture {arch!r}")
+
+
+def _init_prior_bias(model: nn.Module, dataset: TrainingSet, config: TrainConfig,
+                     cfg: VRNConfig, count: int = 64) -> None:
+    """Start the volume head's last bias at the log-odds of each depth channel's mean
+    occupancy over a few samples, so training does not spend its first steps on it."""
+    count = min(count, len(dataset))
+    if count == 0:
+        return
+    tops = torch.stack([dataset[i][1] for i in range(count)])
+    occupancy = volume_targets(tops, depth=cfg.out_depth, thickness=config.thickness,
+                               size=min(48, cfg.input_size)).mean(dim=(0, 2, 3))
+    p = occupancy.clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        model.head[-1].bias.copy_(torch.log(p / (1 - p)))
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
+          resume: bool = False, progress: bool = True, log=None) -> dict:
+    """Train on ``samples`` (see the module docstring) and write checkpoints to ``out_dir``.
+
+    ``resume``: continue from ``out_dir``'s last checkpoint and optimizer state. Returns
+    ``{"steps", "epochs", "loss" (mean of the last 50 steps), "seconds", "checkpoint"}``.
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each process trains on its share of the
+    data (``DistributedSampler``) and rank 0 writes the files.
+    """
+    from tqdm import tqdm
+
+    rank, world, local_rank = _distributed()
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.manual_seed(config.seed)
+
+    ckpt_path = out_dir / CHECKPOINT
+    opt_path = out_dir / OPTIMIZER_STATE
+    state = {"epoch": 0, "step": 0}
+    if resume and ckpt_path.is_file():
+        model = load_checkpoint(ckpt_path, bn_mode=config.bn_mode)
+    else:
+        resume = False
+        model = build_model(config.architecture, config.model, bn_mode=config.bn_mode)
+    model.to(device).train()
+    cfg = model.config
+    loss_size = config.loss_size or cfg.input_size
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    if resume and opt_path.is_file():
+        saved = torch.load(opt_path, map_location=device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {"epoch": int(saved["epoch"]), "step": int(saved["step"])}
+
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed)
+    if not resume and hasattr(model, "head"):
+        _init_prior_bias(model, dataset, config, cfg)
+
+    log_path = out_dir / LOG
+    start = time.perf_counter()
+    recent: list[float] = []
+    deadline = (start + 60 * config.max_minutes) if config.max_minutes else None
+    info = ModelInfo(architecture=model.architecture, config=cfg,
+                     landmark_config=getattr(model, "landmark_config", None),
+                     bn_mode=config.bn_mode, trained=True, provenance=config.provenance)
+    stop = False
+
+    def save():
+        if rank != 0:
+            return
+        info.extra = {"epoch": str(state["epoch"]), "step": str(state["step"]),
+                      "train_loss": f"{np.mean(recent[-50:]):.6f}" if recent else "nan"}
+        save_checkpoint(model, ckpt_path, info=info)
+        with atomic_path(opt_path) as tmp:
+            torch.save({"optimizer": optimizer.state_dict(), "epoch": state["epoch"],
+                        "step": state["step"]}, tmp)
+
+    new_log = rank == 0 and not (resume and log_path.is_file())
+    log_file = open(log_path, "w" if new_log else "a", newline="") if rank == 0 else None
+    writer = csv.writer(log_file) if log_file else None
+    if new_log:
+        writer.writerow(["step", "epoch", "loss", "volume_loss", "landmark_loss", "lr",
+                         "seconds", "images_per_second"])
+    try:
+        while state["epoch"] < config.epochs and not stop:
+            epoch = state["epoch"]
+            lr = config.lr if epoch < config.lr_drop_epoch else config.lr_after_drop
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            dataset.epoch = epoch
+            if hasattr(samples, "refresh"):
+                samples.refresh()  # a cache that is still being written grows here
+            sampler = None
+            if world > 1:
+                sampler = torch.utils.data.distributed.DistributedSampler(dataset,
+                                                                          seed=config.seed)
+                sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=config.batch_size, shuffle=sampler is None,
+                sampler=sampler, num_workers=config.workers,
+                drop_last=len(dataset) >= config.batch_size,
+                generator=torch.Generator().manual_seed(config.seed + epoch))
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       disable=not progress or rank != 0, leave=False)
+            for images, tops, landmarks in bar:
+                t0 = time.perf_counter()
+                images = images.to(device, non_blocking=True)
+                targets = volume_targets(tops.to(device), depth=cfg.out_depth,
+                                         thickness=config.thickness, size=loss_size)
+                volume, heat = model_logits(net.module if world > 1 else net, images, loss_size)
+                volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
+                loss = volume_loss
+                landmark_loss = torch.zeros(())
+                if heat is not None:
+                    heat_t = heatmap_targets(landmarks.to(device), input_size=cfg.input_size,
+                                             size=loss_size)
+                    landmark_loss = F.binary_cross_entropy_with_logits(heat, heat_t)
+                    loss = loss + landmark_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state["step"] += 1
+                value = float(loss.detach())
+                recent.append(value)
+                dt = time.perf_counter() - t0
+                if writer:
+                    writer.writerow([state["step"], epoch, f"{value:.6f}",
+                                     f"{float(volume_loss.detach()):.6f}",
+                                     f"{float(landmark_loss.detach()):.6f}", lr,
+                                     f"{time.perf_counter() - start:.1f}",
+                                     f"{len(images) * world / dt:.2f}"])
+                    log_file.flush()
+                bar.set_postfix(loss=f"{np.mean(recent[-20:]):.4f}")
+                if log is not None and rank == 0:
+                    log(state["step"], value)
+                if state["step"] % config.save_every == 0:
+                    save()
+                if deadline is not None and time.perf_counter() > deadline:
+                    stop = True
+                    break
+            else:
+                state["epoch"] += 1
+        save()
+    finally:
+        if log_file:
+            log_file.close()
+    return {"steps": state["step"], "epochs": state["epoch"],
+            "loss": float(np.mean(recent[-50:])) if recent else math.nan,
+            "seconds": time.perf_counter() - start, "checkpoint": ckpt_path}
