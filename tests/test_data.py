@@ -124,9 +124,10 @@ def test_synthetic_faces_reproducible_and_cached(tmp_path, fake_bfm):
     write_cache(faces, tmp_path, start=0, count=5, shard_size=2, progress=False)
     cached = CachedFaces(tmp_path)
     assert len(cached) == 5
-    image, top = cached[4]
+    image, top, landmarks = cached[4]
     np.testing.assert_array_equal(image, faces[4].image)
     np.testing.assert_array_equal(top, faces[4].top)
+    np.testing.assert_allclose(landmarks, faces[4].landmarks)
 
 
 def test_real_bfm_rebuilds_aflw_landmarks(shared_data):

@@ -23,15 +23,9 @@ def _crop_mesh(n=60, radius=70.0, height=30.0):
 
 
 def _isosurface(volume):
-    try:
-        from vrn.kernels import marching_cubes
-        if not callable(marching_cubes):  # vrn.kernels still being assembled
-            raise ImportError
-        return marching_cubes(volume.astype(np.float32), level=0.5)
-    except ImportError:
-        from skimage.measure import marching_cubes
-        verts, faces, _, _ = marching_cubes(volume.astype(np.float32), level=0.5)
-        return verts[:, ::-1].copy(), faces
+    from vrn.kernels import marching_cubes
+
+    return marching_cubes(volume.astype(np.float32), level=0.5)
 
 
 def test_volume_shape_convention_and_thickness():

@@ -49,34 +49,6 @@ def load_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
 
 
-def _isosurface(volume: np.ndarray, level: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices ``(V, 3)`` ``(x = col, y = row, z = d)`` and faces of the level surface."""
-    try:
-        from ..kernels import marching_cubes
-        if not callable(marching_cubes):
-            raise ImportError
-    except ImportError:  # vrn.kernels not built in this checkout: scikit-image's
-        from skimage.measure import marching_cubes as skimage_mc
-
-        if not (volume.min() < level < volume.max()):
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
-        vertices, faces, _, _ = skimage_mc(volume, level=level)
-        return vertices[:, ::-1].astype(np.float32), faces.astype(np.int32)
-    return marching_cubes(volume, level=level)
-
-
-def _to_photo(vertices: np.ndarray, crop_to_photo: np.ndarray, z_scale: float) -> np.ndarray:
-    try:
-        from ..kernels import transform_vertices
-    except ImportError:
-        a = np.asarray(crop_to_photo, np.float64)
-        out = np.empty((len(vertices), 3), np.float64)
-        out[:, :2] = vertices[:, :2] @ a[:, :2].T + a[:, 2]
-        out[:, 2] = vertices[:, 2] * z_scale * np.sqrt(abs(np.linalg.det(a[:, :2])))
-        return out
-    return transform_vertices(vertices, crop_to_photo, z_scale=z_scale)
-
-
 class _LandmarkCropReconstructor:
     """Reconstructs from a given crop matrix (the paper's protocol)."""
 
@@ -87,14 +59,15 @@ class _LandmarkCropReconstructor:
         self.model_info = getattr(self.backend, "model_info", None)
 
     def __call__(self, image: np.ndarray, photo_to_crop: np.ndarray):
+        from ..kernels import marching_cubes, transform_vertices
         from ..runtime.crop import invert_affine, to_network_input, warp_crop
 
         size = self.backend.input_size
         batch = to_network_input(warp_crop(image, photo_to_crop, size))
         volume = np.asarray(self.backend.infer(batch))[0]
-        vertices, faces = _isosurface(volume)
+        vertices, faces = marching_cubes(volume, level=0.5)
         z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
-        vertices = _to_photo(vertices, invert_affine(photo_to_crop), z_scale)
+        vertices = transform_vertices(vertices, invert_affine(photo_to_crop), z_scale=z_scale)
         return np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
 
 

@@ -299,16 +299,17 @@ def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int,
 
 
 class CachedFaces:
-    """Samples from the ``.npz`` shards of a cache folder: ``(image, top)`` pairs.
+    """Samples from the ``.npz`` shards of a cache folder: ``(image, top, landmarks)``.
 
-    ``images`` ``(N, S, S, 3)`` uint8 and ``tops`` ``(N, S, S)`` uint8 are held in memory
-    (about 150 KB per sample)."""
+    ``images`` ``(N, S, S, 3)`` uint8, ``tops`` ``(N, S, S)`` uint8 and ``landmarks``
+    ``(N, 68, 3)`` float32 crop pixels are held in memory (about 150 KB per sample)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self._loaded: list[Path] = []
         self.images = np.zeros((0, 1, 1, 3), np.uint8)
         self.tops = np.zeros((0, 1, 1), np.uint8)
+        self.landmarks = np.zeros((0, 68, 3), np.float32)
         self.refresh()
         if not self._loaded:
             raise FileNotFoundError(f"{self.folder}: no faces-*.npz shards")
@@ -317,20 +318,22 @@ class CachedFaces:
         """Load shards written since the last call (a cache still being rendered grows);
         returns the number of samples."""
         new = [p for p in sorted(self.folder.glob("faces-*.npz")) if p not in self._loaded]
-        images, tops = [], []
+        images, tops, landmarks = [], [], []
         for p in new:
             with np.load(p) as z:
                 images.append(z["images"])
                 tops.append(z["tops"])
+                landmarks.append(z["landmarks"].astype(np.float32))
         if new:
-            keep = [self.images] if self._loaded else []
-            self.images = np.concatenate(keep + images)
-            self.tops = np.concatenate(([self.tops] if self._loaded else []) + tops)
+            old = bool(self._loaded)
+            self.images = np.concatenate(([self.images] if old else []) + images)
+            self.tops = np.concatenate(([self.tops] if old else []) + tops)
+            self.landmarks = np.concatenate(([self.landmarks] if old else []) + landmarks)
             self._loaded += new
         return len(self.images)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[index], self.tops[index]
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.images[index], self.tops[index], self.landmarks[index]

@@ -46,6 +46,11 @@ def _point_triangle_sq(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
     """Squared distance from point ``p`` to triangle ``abc`` (Ericson, RTCD 5.1.5)."""
     abx, aby, abz = bx - ax, by - ay, bz - az
     acx, acy, acz = cx - ax, cy - ay, cz - az
+    nx, ny, nz = aby * acz - abz * acy, abz * acx - abx * acz, abx * acy - aby * acx
+    if nx * nx + ny * ny + nz * nz == 0.0:  # degenerate: its edges belong to neighbours
+        return min((px - ax) ** 2 + (py - ay) ** 2 + (pz - az) ** 2,
+                   (px - bx) ** 2 + (py - by) ** 2 + (pz - bz) ** 2,
+                   (px - cx) ** 2 + (py - cy) ** 2 + (pz - cz) ** 2)
     d1 = _dot(abx, aby, abz, px - ax, py - ay, pz - az)
     d2 = _dot(acx, acy, acz, px - ax, py - ay, pz - az)
     if d1 <= 0.0 and d2 <= 0.0:
