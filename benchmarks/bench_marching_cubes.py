@@ -25,101 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPE = (200, 192, 192)
+from vrn.bench.isosurface import (OURS, available_implementations, face_like_volume,
+                                  noisy_volume)
+
 LEVEL = 0.5
 
 
-def face_like_volume(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
-    """A smooth stand-in for a VRN output: ``(D, H, W)`` float32 occupancy in [0, 1],
-    1 between a back plane and a face-shaped front surface (head ellipse, nose, brows,
-    lips), with sigmoid edges about 1.5 voxels wide."""
-    depth, height, width = shape
-    d = np.arange(depth, dtype=np.float32)[:, None, None]
-    y = (np.arange(height, dtype=np.float32)[:, None] - height * 0.52) / (height * 0.42)
-    x = (np.arange(width, dtype=np.float32)[None, :] - width * 0.5) / (width * 0.33)
-    r2 = x ** 2 + y ** 2
-    front = depth * (0.3 + 0.35 * np.sqrt(np.clip(1 - r2, 0, 1)))
-    front += depth * 0.1 * np.exp(-(x ** 2 / 0.02 + (y - 0.05) ** 2 / 0.06))  # nose
-    front += depth * 0.02 * np.exp(-((np.abs(x) - 0.35) ** 2 + (y + 0.3) ** 2) / 0.01)  # brows
-    front -= depth * 0.03 * np.exp(-((np.abs(x) - 0.35) ** 2 + (y + 0.15) ** 2) / 0.008)  # eyes
-    front += depth * 0.015 * np.exp(-(x ** 2 / 0.03 + (y - 0.45) ** 2 / 0.003))  # lips
-    back = depth * 0.2
-
-    def sigmoid(t):
-        return 1 / (1 + np.exp(-np.clip(t, -50, 50)))
-
-    inside = sigmoid((1 - np.sqrt(r2)) / 0.01)
-    volume = sigmoid((front[None] - d) / 1.5) * sigmoid((d - back) / 1.5) * inside[None]
-    return volume.astype(np.float32)
-
-
-def noisy_volume(shape: tuple[int, int, int] = SHAPE, sigma: float = 0.1,
-                 seed: int = 0) -> np.ndarray:
-    """:func:`face_like_volume` plus Gaussian noise, clipped to [0, 1]."""
-    noise = np.random.default_rng(seed).normal(0, sigma, shape).astype(np.float32)
-    return np.clip(face_like_volume(shape) + noise, 0, 1).astype(np.float32)
-
-
-def _ours():
-    from vrn.kernels import marching_cubes
-
-    def run(volume):
-        vertices, faces = marching_cubes(volume, LEVEL)
+def _counting(run):
+    """``run(volume, level) -> (vertices, faces)`` as ``volume -> (V, F)``."""
+    def count(volume):
+        vertices, faces = run(volume, LEVEL)
         return len(vertices), len(faces)
 
-    return run
-
-
-def _skimage(method):
-    from skimage.measure import marching_cubes
-
-    def run(volume):
-        vertices, faces, _, _ = marching_cubes(volume, LEVEL, method=method)
-        return len(vertices), len(faces)
-
-    return run
-
-
-def _pymcubes():
-    import mcubes
-
-    def run(volume):
-        vertices, faces = mcubes.marching_cubes(volume, LEVEL)
-        return len(vertices), len(faces)
-
-    return run
-
-
-def _vtk_flying_edges():
-    from vtkmodules.util.numpy_support import numpy_to_vtk
-    from vtkmodules.vtkCommonDataModel import vtkImageData
-    from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
-
-    def run(volume):
-        image = vtkImageData()
-        image.SetDimensions(volume.shape[2], volume.shape[1], volume.shape[0])
-        image.GetPointData().SetScalars(numpy_to_vtk(volume.ravel(), deep=False))
-        flying_edges = vtkFlyingEdges3D()
-        flying_edges.SetInputData(image)
-        flying_edges.SetValue(0, LEVEL)
-        flying_edges.ComputeNormalsOff()
-        flying_edges.ComputeGradientsOff()
-        flying_edges.ComputeScalarsOff()
-        flying_edges.Update()
-        output = flying_edges.GetOutput()
-        return output.GetNumberOfPoints(), output.GetNumberOfPolys()
-
-    return run
-
-
-IMPLEMENTATIONS = {
-    "vrn (numba cpu)": _ours,
-    "skimage lorensen": lambda: _skimage("lorensen"),
-    "skimage lewiner": lambda: _skimage("lewiner"),
-    "pymcubes": _pymcubes,
-    "vtk flying edges": _vtk_flying_edges,
-}
-OURS = "vrn (numba cpu)"
+    return count
 
 
 def time_runs(run, volume, repeats: int) -> dict:
@@ -201,12 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     volumes = {"face-like": face_like_volume(), "noisy": noisy_volume()}
     results: dict = {"volumes": {}, "unavailable": {}}
-    runners = {}
-    for name, factory in IMPLEMENTATIONS.items():
-        try:
-            runners[name] = factory()
-        except ImportError as error:
-            results["unavailable"][name] = str(error)
+    runners, results["unavailable"] = available_implementations()
+    runners = {name: _counting(run) for name, run in runners.items()}
     for volume_name, volume in volumes.items():
         print(f"\n{volume_name} volume {volume.shape} float32, level {LEVEL}")
         print(f"  {'implementation':<18} {'median ms':>10} {'min ms':>9} {'cpu ms':>9} "
