@@ -221,9 +221,11 @@ def test_reports_render_and_round_trip(small_report, tmp_path):
     pytest.importorskip("matplotlib")
     png = plot_stages(small_report, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (results / "other-tool.json").write_text(json.dumps({"timings": [1.0]}))
     md = write_results_md(tmp_path / "benchmarks")
     generated = md.read_text()
     assert small_report["machine"] in generated and "do not edit by hand" in generated
+    assert "`other-tool.json`" in generated  # listed, not read
     assert (results / path.with_suffix(".png").name).is_file()
 
 

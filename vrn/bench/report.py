@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic
-from .runner import FRAME_STAGES, GPU_PHASES, SCHEMA
+from .runner import FRAME_STAGES, GPU_PHASES, SCHEMA, passes_validation
 
 RESULTS_MD_HEADER = """# vrn-edge benchmark results
 
@@ -308,18 +308,25 @@ def plot_stages(report: dict, path: str | os.PathLike) -> Path:
 
 
 def write_results_md(folder: str | os.PathLike = "benchmarks", *, plots: bool = True) -> Path:
-    """Regenerate ``folder/RESULTS.md`` from every ``folder/results/*.json`` (newest
-    first), with a plot per file beside it (``results/<stem>.png``) when matplotlib is
+    """Regenerate ``folder/RESULTS.md`` from every ``vrn-bench`` file among
+    ``folder/results/*.json`` (newest first; other JSON files are listed, not read),
+    with a plot per file beside it (``results/<stem>.png``) when matplotlib is
     installed and ``plots`` is true. Returns the Markdown file's path."""
     folder = Path(folder)
-    files = sorted((folder / "results").glob("*.json"), reverse=True)
-    if not files:
-        raise FileNotFoundError(f"{folder / 'results'}: no result files (*.json)")
-    reports = [(path, load_json(path)) for path in files]
-    out = [RESULTS_MD_HEADER, "| date | machine | model | best end-to-end (ms) | file |",
+    reports, others = [], []
+    for path in sorted((folder / "results").glob("*.json"), reverse=True):
+        try:
+            reports.append((path, load_json(path)))
+        except ValueError:  # another tool's results (e.g. bench_marching_cubes.py)
+            others.append(path.name)
+    if not reports:
+        raise FileNotFoundError(f"{folder / 'results'}: no vrn-bench result files (*.json)")
+    out = [RESULTS_MD_HEADER,
+           "| date | machine | model | fastest end to end, IoU >= 0.98 (ms) | file |",
            "|---|---|---|---|---|"]
     for path, report in reports:
-        best = min(report["runs"], key=lambda r: r["end_to_end"]["mean"])
+        best = min((r for r in report["runs"] if passes_validation(report, r)),
+                   key=lambda r: r["end_to_end"]["mean"])
         model = report["model"]
         out.append(f"| {report['system']['date'][:10]} | {report['machine']} | "
                    f"{model['architecture']} {model['parameters']:,} params"
@@ -336,6 +343,9 @@ def write_results_md(folder: str | os.PathLike = "benchmarks", *, plots: bool = 
             except ImportError:
                 plot = None
         out.append(markdown_report(report, heading_level=2, plot=plot))
+    if others:
+        out.append("Other files in `results/`, not written by vrn-bench: "
+                   + ", ".join(f"`{name}`" for name in others) + ".\n")
     target = folder / "RESULTS.md"
     write_text_atomic(target, "\n".join(out).rstrip() + "\n")
     return target

@@ -47,6 +47,7 @@ DEVICES = ("cpu", "cuda")
 FRAME_STAGES = ("decode", "detect", "crop", "infer", "isosurface", "colour", "render")
 CROP_TO_MESH = ("crop", "infer", "isosurface", "colour")
 GPU_PHASES = ("h2d", "compute", "d2h", "with_transfers")
+SETTLE_S = 0.02  # pause before each interleaved call: idle thread pools stop spinning
 MODELS = ("default", "full")
 
 # Goals from the issue: speed-up ratios, and per-frame milliseconds on an H100-class GPU.
@@ -465,10 +466,12 @@ def time_inference(backends: dict, batches: dict, *, frames: int, warmup: int) -
     out, so host transfers are included on a GPU) called once per round, the keys in
     turn, for ``warmup + frames`` rounds. Interleaving spreads any change in the
     machine's load over every backend alike, so their ratios stay fair on a shared
-    machine. Returns millisecond samples per key."""
+    machine; a pause of :data:`SETTLE_S` before each call lets the previous backend's
+    worker threads stop spinning first. Returns millisecond samples per key."""
     samples: dict = {key: [] for key in backends}
     for index in range(warmup + frames):
         for key, backend in backends.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             backend.infer(batches[key])
             if index >= warmup:
@@ -745,7 +748,9 @@ def speedups(report: dict) -> list[dict]:
     return out
 
 
-def _passed(report, run) -> bool:
+def passes_validation(report: dict, run: dict) -> bool:
+    """Whether ``run``'s configuration reached the IoU threshold against fp32 (the
+    PyTorch fp32 references pass by definition)."""
     if run["reference"]:
         return True
     for entry in report["validation"]:
@@ -779,7 +784,7 @@ def goals(report: dict) -> list[dict]:
                               f"{model['architecture']} with {model['parameters']:,} parameters")
 
     cpu_runs = [r for r in runs if r["device"] == "cpu" and r["batch"] == 1
-                and _passed(report, r)]
+                and passes_validation(report, r)]
     if torch_cpu and cpu_runs:
         best = min(cpu_runs, key=lambda r: r["infer_only"]["mean"])
         goal("fastest CPU configuration (IoU >= 0.98) vs PyTorch eager CPU fp32, network "
