@@ -14,7 +14,6 @@ import numpy as np
 
 MIN_IOU = 0.98
 MAX_FACES_PER_PHOTO = 4
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def occupancy_iou(reference: np.ndarray, candidate: np.ndarray, *, level: float = 0.5) -> float:
@@ -30,16 +29,12 @@ def occupancy_iou(reference: np.ndarray, candidate: np.ndarray, *, level: float 
 
 def image_files(paths: list[str | os.PathLike]) -> list[Path]:
     """Image files among ``paths``, folders expanded (sorted); missing paths raise."""
-    files: list[Path] = []
-    for item in paths:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir()
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such image or folder")
+    from ..runtime.image_io import collect_images
+
+    files, problems = collect_images(paths)
+    missing = [p for p in problems if p.endswith("file not found")]
+    if missing:
+        raise FileNotFoundError(f"{missing[0].rsplit(':', 1)[0]}: no such image or folder")
     return files
 
 
@@ -52,18 +47,17 @@ def face_crops(images: list[str | os.PathLike], *, detector, size: int,
     the way the pipeline crops (:func:`vrn.runtime.crop.box_crop_matrix`), and one
     ``"file.jpg#k"`` name per crop. Photos without a detected face add nothing.
     """
-    from ..runtime.crop import box_crop_matrix, to_network_input, warp_crop
+    from ..runtime.crop import face_crops as crops_of
     from ..runtime.image_io import load_image
 
-    crops, names = [], []
+    batches, names = [], []
     for path in images:
-        image = load_image(path)
-        for k, box in enumerate(detector(image)[:max_faces_per_photo]):
-            crops.append(warp_crop(image, box_crop_matrix(box, size), size))
-            names.append(f"{Path(path).name}#{k}")
-    if not crops:
+        batch = crops_of(load_image(path), detector, size=size, max_faces=max_faces_per_photo)
+        batches.append(batch)
+        names += [f"{Path(path).name}#{k}" for k in range(len(batch))]
+    if not names:
         return np.zeros((0, 3, size, size), np.float32), names
-    return to_network_input(np.stack(crops)), names
+    return np.concatenate(batches), names
 
 
 def validate_against_reference(backend, reference_volumes: np.ndarray, batch: np.ndarray, *,

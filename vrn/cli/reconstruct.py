@@ -12,11 +12,8 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import VRNError
-from ..runtime.image_io import load_image, sample_image_path
+from ..runtime.image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,24 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detect faces with this YuNet model (cv2.FaceDetectorYN) "
                         "instead of the Haar cascades")
     return p
-
-
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files to process (folders expanded, sorted) and messages for missing inputs."""
-    images, problems = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{path}: no images in this folder")
-            images.extend(found)
-        elif path.exists():
-            images.append(path)
-        else:
-            problems.append(f"{path}: file not found")
-    return images, problems
 
 
 def main(argv: list[str] | None = None) -> int:

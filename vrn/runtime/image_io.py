@@ -66,3 +66,26 @@ def as_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
 def sample_image_path() -> Path:
     """The bundled sample photo: ``skimage.data.astronaut()`` (public domain, NASA)."""
     return Path(__file__).resolve().parent.parent / "assets" / "astronaut.jpg"
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp",
+                            ".pgm", ".ppm"})
+
+
+def collect_images(inputs) -> tuple[list[Path], list[str]]:
+    """Image files among ``inputs`` (folders expanded to their images, sorted) and one
+    message per input that is missing or a folder without images."""
+    images, problems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{path}: no images in this folder")
+            images.extend(found)
+        elif path.exists():
+            images.append(path)
+        else:
+            problems.append(f"{path}: file not found")
+    return images, problems
