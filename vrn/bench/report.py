@@ -113,7 +113,8 @@ def model_lines(report: dict) -> list[str]:
 def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = None) -> str:
     """The whole report as Markdown: system, model, per-stage table, distributions,
     GPU timing, speed-ups, validation, isosurface references, goals, what was not
-    measured and why. ``plot``: a PNG path to link under the per-stage table."""
+    measured and why. ``plot``: a PNG path to link under the per-stage table. Tables
+    give means; ratios are of medians (p50), which a busy machine disturbs less."""
     h = "#" * heading_level
     date = report["system"]["date"][:10]
     out = [f"{h} vrn-bench: {report['machine']}, {date}", ""]
@@ -163,7 +164,8 @@ def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = 
                        "infer (host)"], rows)
 
     if report["speedups"]:
-        out += [f"{h}# Against PyTorch eager fp32 (same device and batch)", "",
+        out += [f"{h}# Against PyTorch eager fp32 (same device and batch, ratio of medians)",
+                "",
                 "Network alone: `infer` outside the pipeline (NumPy in and out), every "
                 "configuration once per round so that load changes hit all alike. In "
                 "pipeline: the `infer` stage of the frames above.", ""]
@@ -190,7 +192,8 @@ def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = 
     if iso:
         out += [f"{h}# Isosurface: vrn.kernels.marching_cubes vs references (CPU, level "
                 f"{iso['level']})", "",
-                "`time vs ours`: how many times longer than ours the implementation takes.",
+                "`time vs ours`: how many times longer than ours the implementation takes "
+                "(ratio of medians).",
                 ""]
         rows = []
         for entry in iso["volumes"]:

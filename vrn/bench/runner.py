@@ -532,7 +532,7 @@ def time_isosurface_references(volumes: dict[str, np.ndarray], *, level: float, 
                                budget_s: float) -> dict:
     """Every isosurface implementation of :mod:`vrn.bench.isosurface` on every volume
     (``{name: (D, H, W) float32}``): millisecond stats, vertex and triangle counts, and
-    how many times slower each reference is than ours."""
+    how many times slower each reference is than ours (ratio of medians)."""
     from .isosurface import OURS, available_implementations
 
     runners, unavailable = available_implementations()
@@ -546,8 +546,8 @@ def time_isosurface_references(volumes: dict[str, np.ndarray], *, level: float, 
             entry["implementations"][impl] = {**summarize(samples),
                                               "vertices": int(len(vertices)),
                                               "triangles": int(len(triangles))}
-        ours = entry["implementations"][OURS]["mean"]
-        entry["slower_than_ours"] = {impl: ratio(stats["mean"], ours)
+        ours = entry["implementations"][OURS]["p50"]
+        entry["slower_than_ours"] = {impl: ratio(stats["p50"], ours)
                                      for impl, stats in entry["implementations"].items()
                                      if impl != OURS}
         results.append(entry)
@@ -730,9 +730,10 @@ def _find(runs, backend, device, precision, batch):
 
 
 def speedups(report: dict) -> list[dict]:
-    """Each run against PyTorch eager fp32 on the same device and batch
-    (``reference ms / run ms``): the network alone (``inference``), the network inside
-    the pipeline (``inference_in_pipeline``) and the whole frame (``end_to_end``)."""
+    """Each run against PyTorch eager fp32 on the same device and batch, as ratios of
+    medians (``reference p50 / run p50``; medians shrug off the spikes a shared machine
+    adds): the network alone (``inference``), the network inside the pipeline
+    (``inference_in_pipeline``) and the whole frame (``end_to_end``)."""
     out = []
     for run in report["runs"]:
         if run["reference"]:
@@ -741,10 +742,10 @@ def speedups(report: dict) -> list[dict]:
         if ref is None:
             continue
         out.append({"label": run["label"], "reference": ref["label"],
-                    "inference": ratio(ref["infer_only"]["mean"], run["infer_only"]["mean"]),
-                    "inference_in_pipeline": ratio(ref["stages"]["infer"]["mean"],
-                                                   run["stages"]["infer"]["mean"]),
-                    "end_to_end": ratio(ref["end_to_end"]["mean"], run["end_to_end"]["mean"])})
+                    "inference": ratio(ref["infer_only"]["p50"], run["infer_only"]["p50"]),
+                    "inference_in_pipeline": ratio(ref["stages"]["infer"]["p50"],
+                                                   run["stages"]["infer"]["p50"]),
+                    "end_to_end": ratio(ref["end_to_end"]["p50"], run["end_to_end"]["p50"])})
     return out
 
 
@@ -776,24 +777,24 @@ def goals(report: dict) -> list[dict]:
 
     torch_cpu = _find(runs, "torch", "cpu", REFERENCE_PRECISION, 1)
     ort_cpu = _find(runs, "onnxruntime", "cpu", "fp32", 1)
-    value = (ratio(torch_cpu["infer_only"]["mean"], ort_cpu["infer_only"]["mean"])
+    value = (ratio(torch_cpu["infer_only"]["p50"], ort_cpu["infer_only"]["p50"])
              if torch_cpu and ort_cpu else None)
-    goal("ONNX Runtime CPU fp32 vs PyTorch eager CPU fp32, network alone, batch 1",
-         GOAL_ORT_VS_TORCH, value,
+    goal("ONNX Runtime CPU fp32 vs PyTorch eager CPU fp32, network alone, batch 1 "
+         "(medians)", GOAL_ORT_VS_TORCH, value,
          note="" if full else "the goal is set for the full model; this run measured "
                               f"{model['architecture']} with {model['parameters']:,} parameters")
 
     cpu_runs = [r for r in runs if r["device"] == "cpu" and r["batch"] == 1
                 and passes_validation(report, r)]
+    name = ("fastest CPU configuration (IoU >= 0.98) vs PyTorch eager CPU fp32, network "
+            "alone, batch 1 (medians)")
     if torch_cpu and cpu_runs:
-        best = min(cpu_runs, key=lambda r: r["infer_only"]["mean"])
-        goal("fastest CPU configuration (IoU >= 0.98) vs PyTorch eager CPU fp32, network "
-             "alone, batch 1", GOAL_FASTEST_CPU,
-             ratio(torch_cpu["infer_only"]["mean"], best["infer_only"]["mean"]),
+        best = min(cpu_runs, key=lambda r: r["infer_only"]["p50"])
+        goal(name, GOAL_FASTEST_CPU,
+             ratio(torch_cpu["infer_only"]["p50"], best["infer_only"]["p50"]),
              note=f"fastest: {best['label']}")
     else:
-        goal("fastest CPU configuration (IoU >= 0.98) vs PyTorch eager CPU fp32, network "
-             "alone, batch 1", GOAL_FASTEST_CPU, None)
+        goal(name, GOAL_FASTEST_CPU, None)
 
     from .isosurface import SKIMAGE_DEFAULT
 
