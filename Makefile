@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q torch; \
 	else \
 		$(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null || \
-		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+		$(PY) -m pip install -q --retries 1 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@

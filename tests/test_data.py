@@ -79,7 +79,7 @@ def test_read_fit_and_errors(tmp_path):
 
 def test_aflw_reader_on_synthetic_mat(tmp_path, fake_bfm):
     from vrn.data.aflw import AFLWFolder, vertices_to_crop
-    from vrn.data.voxelize import volume_from_top
+    from vrn.data.voxelize import volume_from_runs
 
     write_aflw_sample(tmp_path)
     data = AFLWFolder(tmp_path, fake_bfm)
@@ -89,14 +89,14 @@ def test_aflw_reader_on_synthetic_mat(tmp_path, fake_bfm):
     # Pose_Para places the face near (tx - 1, h - ty) = (99, 105).
     centre = rec.vertices[:, :2].mean(0)
     assert np.allclose(centre, [99, 105], atol=15)
-    crop, top, landmarks = data[0]
-    assert crop.shape == (192, 192, 3) and top.shape == (192, 192)
+    crop, runs, landmarks = data[0]
+    assert crop.shape == (192, 192, 3) and runs.shape == (2, 192, 192)
     assert landmarks.shape == (68, 3)
     # The crop rule centres the landmarks and gives them an extent of 90 crop pixels.
     lm = vertices_to_crop(rec.landmarks, rec.photo_to_crop)
     np.testing.assert_allclose(lm[:, :2].mean(0), [95.5, 95.5], atol=1e-6)
     np.testing.assert_allclose(np.sqrt(np.prod(np.ptp(lm[:, :2], 0))), 90.0, rtol=1e-6)
-    vol = volume_from_top(top)
+    vol = volume_from_runs(runs)
     assert vol.any() and vol[:, 96, 96].any()
 
 
@@ -113,20 +113,20 @@ def test_synthetic_faces_reproducible_and_cached(tmp_path, fake_bfm):
     faces = SyntheticFaces(fake_bfm, seed=3)
     a, b = faces[5], faces[5]
     np.testing.assert_array_equal(a.image, b.image)
-    np.testing.assert_array_equal(a.top, b.top)
+    np.testing.assert_array_equal(a.runs, b.runs)
     assert a.image.shape == (192, 192, 3) and a.image.dtype == np.uint8
-    assert a.top.dtype == np.uint8 and a.top.max() > 0
+    assert a.runs.dtype == np.uint8 and a.runs.shape == (2, 192, 192) and a.runs.max() > 0
     assert not np.array_equal(faces[6].image, a.image)
     assert not np.array_equal(SyntheticFaces(fake_bfm, seed=4)[5].image, a.image)
     # The face is rendered where its target volume is.
-    covered = a.top > 0
+    covered = a.runs[1] > 0
     assert covered.sum() > 500
     write_cache(faces, tmp_path, start=0, count=5, shard_size=2, progress=False)
     cached = CachedFaces(tmp_path)
     assert len(cached) == 5
-    image, top, landmarks = cached[4]
+    image, runs, landmarks = cached[4]
     np.testing.assert_array_equal(image, faces[4].image)
-    np.testing.assert_array_equal(top, faces[4].top)
+    np.testing.assert_array_equal(runs, faces[4].runs)
     np.testing.assert_allclose(landmarks, faces[4].landmarks)
 
 

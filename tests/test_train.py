@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vrn.data.voxelize import volume_from_top
+from vrn.data.voxelize import volume_from_runs
 from vrn.model import VRNConfig, load_checkpoint
 from vrn.train.loop import (FLIP_68, Augmentation, TrainConfig, augment_sample,
                             heatmap_targets, train, volume_targets)
@@ -37,18 +37,21 @@ def _samples(n=4, size=32, depth=8):
         level = 3 + i % 5
         image = np.zeros((size, size, 3), np.uint8)
         image[inside] = 40 * level
-        top = np.where(inside, level, 0).astype(np.uint8)
+        runs = np.stack([np.where(inside, max(level - 3, 0), 0),
+                         np.where(inside, level, 0)]).astype(np.uint8)
         landmarks = np.stack([rng.uniform(4, 28, 68), rng.uniform(4, 28, 68)], 1)
-        out.append((image, top, landmarks.astype(np.float32)))
+        out.append((image, runs, landmarks.astype(np.float32)))
     return out
 
 
-def test_volume_targets_match_volume_from_top():
-    top = torch.from_numpy(np.random.default_rng(0).integers(0, 9, (2, 32, 32)).astype(np.uint8))
-    full = volume_targets(top, depth=8, thickness=3, size=32)
+def test_volume_targets_match_volume_from_runs():
+    runs = np.sort(np.random.default_rng(0).integers(0, 9, (2, 2, 32, 32)), axis=1)
+    runs = torch.from_numpy(runs.transpose(1, 0, 2, 3).astype(np.uint8))  # (N, 2, S, S)
+    full = volume_targets(runs, depth=8, size=32)
     np.testing.assert_array_equal(full.numpy().astype(bool),
-                                  volume_from_top(top.numpy(), depth=8, thickness=3))
-    coarse = volume_targets(top, depth=8, thickness=3, size=16)
+                                  volume_from_runs(runs.numpy(), depth=8))
+    assert full.sum() > 0
+    coarse = volume_targets(runs, depth=8, size=16)
     idx = np.round(np.arange(16) * 31 / 15).astype(int)
     np.testing.assert_array_equal(coarse.numpy(), full.numpy()[:, :, idx][:, :, :, idx])
 
@@ -61,36 +64,39 @@ def test_heatmap_targets_peak_at_landmarks():
 
 
 def test_identity_augmentation_keeps_sample():
-    image, top, lm = _samples(1)[0]
+    image, runs, lm = _samples(1)[0]
     none = Augmentation(rotation=0, translation=0, scale=(1, 1), flip=0, color=(1, 1))
-    img, top2, lm2 = augment_sample(image, top, lm, none, np.random.default_rng(0), depth=8)
-    np.testing.assert_array_equal(top2, top)
+    img, runs2, lm2 = augment_sample(image, runs, lm, none, np.random.default_rng(0), depth=8)
+    np.testing.assert_array_equal(runs2, runs)
     np.testing.assert_allclose(img, image / 255, atol=1e-6)
     np.testing.assert_allclose(lm2, lm, atol=1e-4)
 
 
 def test_flip_mirrors_image_target_and_landmarks():
-    image, top, lm = _samples(1)[0]
+    image, runs, lm = _samples(1)[0]
     flip = Augmentation(rotation=0, translation=0, scale=(1, 1), flip=1.0, color=(1, 1))
-    img, top2, lm2 = augment_sample(image, top, lm, flip, np.random.default_rng(0), depth=8)
-    np.testing.assert_array_equal(top2, top[:, ::-1])
+    img, runs2, lm2 = augment_sample(image, runs, lm, flip, np.random.default_rng(0), depth=8)
+    np.testing.assert_array_equal(runs2, runs[:, :, ::-1])
     np.testing.assert_allclose(lm2[FLIP_68[0]], [31 - lm[0, 0], lm[0, 1]], atol=1e-4)
     assert sorted(FLIP_68) == list(range(68)) and FLIP_68[36] == 45 and FLIP_68[48] == 54
 
 
 def test_scaling_keeps_front_anchor():
-    top = np.zeros((32, 32), np.uint8)
-    top[8:24, 8:24] = 200 - 8  # the anchor: nearest point of the volume
-    top[15, 15] = 150
+    runs = np.zeros((2, 32, 32), np.uint8)
+    runs[1, 8:24, 8:24] = 200 - 8  # the anchor: nearest point of the volume
+    runs[0, 8:24, 8:24] = 152
+    runs[1, 15, 15] = 150
     grow = Augmentation(rotation=0, translation=0, scale=(1.2, 1.2), flip=0, color=(1, 1))
-    _, out, _ = augment_sample(np.zeros((32, 32, 3), np.uint8), top, None, grow,
+    _, out, _ = augment_sample(np.zeros((32, 32, 3), np.uint8), runs, None, grow,
                                np.random.default_rng(0), depth=200)
-    assert out.max() == 192
-    assert out[15, 15] < 150  # 42 voxels behind the front become about 50
+    assert out[1].max() == 192
+    assert out[1, 15, 15] < 150  # 42 voxels behind the front become about 50
+    assert out[0, 12, 12] == 144  # the run's back end moves away from the anchor too
+    assert out[0, 0, 0] == out[1, 0, 0] == 0
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
-    config = TrainConfig(model=TINY, epochs=30, batch_size=4, lr=1e-3, thickness=3,
+    config = TrainConfig(model=TINY, epochs=30, batch_size=4, lr=1e-3,
                          augmentation=None, save_every=1000)
     losses = []
     result = train(_samples(), config, tmp_path, progress=False,
@@ -105,12 +111,21 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert len(rows) == 30 and float(rows[-1]["loss"]) > 0
 
     # Resume: continues the step count and the optimizer state.
-    more = TrainConfig(model=TINY, epochs=32, batch_size=4, lr=1e-3, thickness=3,
+    more = TrainConfig(model=TINY, epochs=32, batch_size=4, lr=1e-3,
                        augmentation=None, save_every=1000)
     result = train(_samples(), more, tmp_path, resume=True, progress=False)
     assert result["steps"] == 32
     with open(tmp_path / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 32
+
+    # Fine-tuning: a new run that starts from those weights starts at their loss.
+    tuned = []
+    fine = TrainConfig(model=VRNConfig(features=8), epochs=1, batch_size=4, lr=1e-3,
+                       augmentation=None, init_weights=str(tmp_path / "last.safetensors"))
+    train(_samples(), fine, tmp_path / "fine", progress=False,
+          log=lambda step, loss: tuned.append(loss))
+    assert tuned[0] < 0.9 * losses[0]
+    assert load_checkpoint(tmp_path / "fine" / "last.safetensors").config == TINY
 
 
 @pytest.mark.parametrize("architecture", ["VRNMultitask", "VRNGuided"])
@@ -118,7 +133,7 @@ def test_landmark_variants_train(tmp_path, architecture):
     cfg = TINY if architecture == "VRNMultitask" else VRNConfig(
         **{**TINY.to_dict(), "in_channels": 71})
     config = TrainConfig(architecture=architecture, model=cfg, epochs=2, batch_size=2,
-                         thickness=3, save_every=1000)
+                         save_every=1000)
     losses = []
     result = train(_samples(2), config, tmp_path, progress=False,
                    log=lambda step, loss: losses.append(loss))

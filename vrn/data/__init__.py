@@ -3,7 +3,7 @@ VRN target volumes (:mod:`.voxelize`), synthetic faces (:mod:`.synthetic`) and t
 300W-LP / AFLW2000-3D reader (:mod:`.aflw`)."""
 
 from .voxelize import (DEPTH_SCALE, FRONT_MARGIN, THICKNESS, VOLUME_DEPTH, VOLUME_SIZE,
-                       front_depth, top_map, volume_from_top, voxelize)
+                       column_runs, front_depth, volume_from_runs, voxelize)
 
 __all__ = ["DEPTH_SCALE", "FRONT_MARGIN", "THICKNESS", "VOLUME_DEPTH", "VOLUME_SIZE",
-           "front_depth", "top_map", "volume_from_top", "voxelize"]
+           "column_runs", "front_depth", "volume_from_runs", "voxelize"]

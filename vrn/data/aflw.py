@@ -20,8 +20,8 @@ import numpy as np
 
 from ..errors import ImageError, VRNError
 from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix, warp_crop
-from .bfm import BFM, pose_vertices
-from .voxelize import VOLUME_DEPTH, top_map
+from .bfm import BFM, crop_rotation, pose_vertices
+from .voxelize import THICKNESS, VOLUME_DEPTH, column_runs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -81,12 +81,13 @@ def read_fit(mat_path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 class AFLWFolder:
     """An AFLW2000-3D / 300W-LP-format folder. Indexing returns training samples
-    ``(crop (192, 192, 3) uint8, top (192, 192) uint8, landmarks (68, 3) float32)`` in
+    ``(crop (192, 192, 3) uint8, runs (2, 192, 192) uint8, landmarks (68, 3) float32)`` in
     crop pixels; :meth:`record` returns the full :class:`AFLWRecord`."""
 
     def __init__(self, folder: str | os.PathLike, bfm: BFM, *, size: int = CROP_SIZE,
-                 depth: int = VOLUME_DEPTH):
+                 depth: int = VOLUME_DEPTH, thickness: int = THICKNESS):
         self.folder = Path(folder)
+        self.thickness = thickness
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder}: folder not found")
         self.bfm = bfm
@@ -124,8 +125,9 @@ class AFLWFolder:
         rec = self.record(index)
         crop = warp_crop(rec.image, rec.photo_to_crop, self.size)
         vertices = vertices_to_crop(rec.vertices, rec.photo_to_crop)
-        top = top_map(vertices, self.bfm.triangles, size=self.size, depth=self.depth)
-        return crop, top, vertices[self.bfm.landmarks].astype(np.float32)
+        runs = column_runs(vertices, self.bfm.triangles, rotation=crop_rotation(*rec.pose[:3]),
+                           size=self.size, depth=self.depth, thickness=self.thickness)
+        return crop, runs, vertices[self.bfm.landmarks].astype(np.float32)
 
 
 def vertices_to_crop(vertices: np.ndarray, photo_to_crop: np.ndarray) -> np.ndarray:

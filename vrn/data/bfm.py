@@ -94,6 +94,15 @@ def rotation_matrix(pitch: float, yaw: float, roll: float) -> np.ndarray:
     return rx @ ry @ rz
 
 
+def crop_rotation(pitch: float, yaw: float, roll: float) -> np.ndarray:
+    """The pose as a rotation of image-frame directions ``(x right, y down, z toward the
+    camera)``: :func:`rotation_matrix` conjugated by the y flip of the model frame (y up).
+    It maps the frontal face to the posed face in photo and crop pixels alike (the crop
+    is a scale and shift), as :func:`vrn.data.voxelize.column_runs` wants it."""
+    flip = np.diag([1.0, -1.0, 1.0])
+    return flip @ rotation_matrix(pitch, yaw, roll) @ flip
+
+
 def pose_vertices(vertices: np.ndarray, pose: np.ndarray, image_height: int) -> np.ndarray:
     """Model-frame ``vertices`` ``(V, 3)`` -> photo pixels ``(x, y, z)`` (0-based, x right,
     y down, z toward the camera) with ``pose`` = ``Pose_Para`` ``(pitch, yaw, roll, tx,

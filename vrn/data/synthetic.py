@@ -1,5 +1,5 @@
 """Synthetic training faces: random BFM faces rendered over real-photo backgrounds, each
-with its exact target volume (in the compact :func:`~vrn.data.voxelize.top_map` form).
+with its exact target volume (in the compact :func:`~vrn.data.voxelize.column_runs` form).
 
 One sample (reproducible from ``(seed, index)``):
 
@@ -32,10 +32,11 @@ import cv2
 import numpy as np
 
 from ..atomic import atomic_path
+from ..errors import VRNError
 from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix
 from ..runtime.render import _rasterize, vertex_normals
-from .bfm import BFM, rotation_matrix
-from .voxelize import VOLUME_DEPTH, top_map
+from .bfm import BFM, crop_rotation, rotation_matrix
+from .voxelize import THICKNESS, VOLUME_DEPTH, column_runs
 
 SKIN_TONES = np.array([[233, 192, 160], [224, 172, 135], [198, 144, 108], [160, 110, 80],
                        [115, 75, 52], [240, 205, 180], [210, 160, 125]], np.float32) / 255
@@ -45,12 +46,12 @@ HAIR_TONES = np.array([[30, 22, 18], [70, 45, 30], [120, 85, 50], [200, 170, 120
 
 @dataclass
 class FaceSample:
-    """``image`` ``(S, S, 3)`` uint8 RGB crop; ``top`` ``(S, S)`` uint8 target (see
-    :func:`~vrn.data.voxelize.top_map`); ``landmarks`` ``(68, 3)`` float32 crop pixels
+    """``image`` ``(S, S, 3)`` uint8 RGB crop; ``runs`` ``(2, S, S)`` uint8 target (see
+    :func:`~vrn.data.voxelize.column_runs`); ``landmarks`` ``(68, 3)`` float32 crop pixels
     ``(x, y, z)``; ``vertices`` ``(V, 3)`` float32 the posed mesh in crop pixels."""
 
     image: np.ndarray
-    top: np.ndarray
+    runs: np.ndarray
     landmarks: np.ndarray
     vertices: np.ndarray
 
@@ -85,12 +86,15 @@ class SyntheticFaces:
     """A reproducible, indexable source of synthetic faces (see the module docstring).
 
     ``bfm``: the face-region :class:`~vrn.data.bfm.BFM`; ``seed``: samples are a pure
-    function of ``(seed, index)``; ``max_yaw``: degrees.
+    function of ``(seed, index)``; ``thickness``: the targets' fill depth (voxels);
+    ``max_yaw``: degrees.
     """
 
     def __init__(self, bfm: BFM, *, seed: int = 0, size: int = CROP_SIZE,
-                 depth: int = VOLUME_DEPTH, max_yaw: float = 90.0):
+                 depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
+                 max_yaw: float = 90.0):
         self.bfm = bfm
+        self.thickness = thickness
         self.seed = int(seed)
         self.size = size
         self.depth = depth
@@ -206,8 +210,9 @@ class SyntheticFaces:
         zbuf = np.full((self.size, self.size), -np.inf, np.float32)
         _rasterize(crop, self.triangles64, rgb, zbuf, image)
         image = self._degrade(image, rng)
-        top = top_map(crop, bfm.triangles, size=self.size, depth=self.depth)
-        return FaceSample(image=image, top=top, landmarks=crop[bfm.landmarks],
+        runs = column_runs(crop, bfm.triangles, rotation=crop_rotation(*angles),
+                           size=self.size, depth=self.depth, thickness=self.thickness)
+        return FaceSample(image=image, runs=runs, landmarks=crop[bfm.landmarks],
                           vertices=crop)
 
     def _shade(self, model: np.ndarray, rng) -> np.ndarray:
@@ -274,7 +279,7 @@ class SyntheticFaces:
 def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int, count: int,
                 shard_size: int = 100, progress: bool = True) -> list[Path]:
     """Render samples ``start .. start + count - 1`` into ``folder`` as ``.npz`` shards
-    ``faces-<first index>.npz`` (``images`` ``(N, S, S, 3)`` uint8, ``tops`` ``(N, S, S)``
+    ``faces-<first index>.npz`` (``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, 2, S, S)``
     uint8, ``landmarks`` ``(N, 68, 3)`` float32, ``indices`` ``(N,)`` int64), each written
     atomically; shards already present are kept (so an interrupted run resumes)."""
     from tqdm import tqdm
@@ -291,7 +296,7 @@ def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int,
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, images=np.stack([s.image for s in samples]),
-                             tops=np.stack([s.top for s in samples]),
+                             runs=np.stack([s.runs for s in samples]),
                              landmarks=np.stack([s.landmarks for s in samples]),
                              indices=np.asarray(list(idx), np.int64))
         written.append(path)
@@ -299,16 +304,16 @@ def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int,
 
 
 class CachedFaces:
-    """Samples from the ``.npz`` shards of a cache folder: ``(image, top, landmarks)``.
+    """Samples from the ``.npz`` shards of a cache folder: ``(image, runs, landmarks)``.
 
-    ``images`` ``(N, S, S, 3)`` uint8, ``tops`` ``(N, S, S)`` uint8 and ``landmarks``
-    ``(N, 68, 3)`` float32 crop pixels are held in memory (about 150 KB per sample)."""
+    ``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, 2, S, S)`` uint8 and ``landmarks``
+    ``(N, 68, 3)`` float32 crop pixels are held in memory (about 180 KB per sample)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self._loaded: list[Path] = []
         self.images = np.zeros((0, 1, 1, 3), np.uint8)
-        self.tops = np.zeros((0, 1, 1), np.uint8)
+        self.runs = np.zeros((0, 2, 1, 1), np.uint8)
         self.landmarks = np.zeros((0, 68, 3), np.float32)
         self.refresh()
         if not self._loaded:
@@ -318,16 +323,19 @@ class CachedFaces:
         """Load shards written since the last call (a cache still being rendered grows);
         returns the number of samples."""
         new = [p for p in sorted(self.folder.glob("faces-*.npz")) if p not in self._loaded]
-        images, tops, landmarks = [], [], []
+        images, runs, landmarks = [], [], []
         for p in new:
             with np.load(p) as z:
                 images.append(z["images"])
-                tops.append(z["tops"])
+                if "runs" not in z.files:
+                    raise VRNError(f"{p}: a shard of an earlier cache format (no 'runs'); "
+                                   "render the cache again into a new folder")
+                runs.append(z["runs"])
                 landmarks.append(z["landmarks"].astype(np.float32))
         if new:
             old = bool(self._loaded)
             self.images = np.concatenate(([self.images] if old else []) + images)
-            self.tops = np.concatenate(([self.tops] if old else []) + tops)
+            self.runs = np.concatenate(([self.runs] if old else []) + runs)
             self.landmarks = np.concatenate(([self.landmarks] if old else []) + landmarks)
             self._loaded += new
         return len(self.images)
@@ -336,4 +344,5 @@ class CachedFaces:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.images[index], self.tops[index], self.landmarks[index]
+        return self.images[index], self.runs[index], self.landmarks[index]
+

@@ -1,4 +1,4 @@
-"""Face mesh aligned to the crop -> VRN's binary occupancy volume.
+"""Face mesh aligned to the crop -> VRN's binary occupancy volume (SPEC section 3).
 
 What the volume means (our training targets, and how the shipped model's output reads):
 
@@ -9,16 +9,22 @@ What the volume means (our training targets, and how the shipped model's output 
   nearest visible point at ``d = D - 1 - FRONT_MARGIN`` (``D - 9``), so the visible face
   fills the volume from the front and whatever lies more than ``(D - 9) / 2`` crop
   pixels behind its nearest point is cut off;
-- **face only** (the BFM face region: no ears, neck or hair), seen from the camera:
-  ``front(y, x)`` is the z-buffer depth of the visible surface over the pixels the face
-  covers, with holes enclosed by the face (an open mouth) given the depth of their
-  nearest covered pixel (mouth filled); a voxel is occupied when its column is covered and
-  ``front - thickness < d <= front`` (``thickness`` voxels, default 40, i.e. 20 crop
-  pixels): the visible surface **filled back to a fixed depth** along the viewing
-  direction. The paper fills back in the frontalised frame and rotates back; filling
-  along the camera axis keeps the same visible surface (all that the network can see
-  and all that the evaluation scores) and makes every column a single run of occupied
-  voxels, so a target is stored exactly as one ``(H, W)`` uint8 map (:func:`top_map`).
+- **face only** (the BFM face region: no ears, neck or hair), **mouth filled** (holes
+  enclosed by the face take the depth of their nearest covered pixel);
+- **frontalised, filled back to a fixed depth, rotated back**: with ``rotation`` ``R``
+  (the face's pose, frontal frame -> crop frame), the mesh is turned frontal
+  (``q = R^T (p - c) + c`` about its centroid ``c``), its frontal depth map ``zf`` is
+  rendered, and a point is inside the face's slab when ``zf(q) - thickness / 2 < q_z <=
+  zf(q)`` (``thickness`` voxels, default 40, i.e. 20 crop pixels, measured along the
+  frontal viewing direction). Each camera column is occupied from the visible surface
+  (the camera z-buffer) back to where its ray leaves that rotated slab. A profile face
+  is therefore filled across, as the paper's targets are, not just 20 pixels behind the
+  cheek. ``rotation=None`` is the identity: the fill then runs along the camera axis.
+
+Each column holds one run of occupied voxels (the first run of the ray through the
+slab; a ray that leaves the slab and re-enters it, rare and only near 90 degrees of yaw,
+keeps its first run), so a target is stored exactly as a ``(2, H, W)`` uint8 map of
+``[start, stop)`` per column (:func:`column_runs`, :func:`volume_from_runs`).
 
 The isosurface at 0.5 of such a volume, with vertex ``z = 0.5 d``, lies within half a
 voxel of the visible surface (the surface at ``front`` is rounded to the voxel grid).
@@ -26,6 +32,7 @@ voxel of the visible surface (the surface at ``front`` is rounded to the voxel g
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ..runtime.render import _rasterize
@@ -35,6 +42,10 @@ VOLUME_SIZE = 192
 DEPTH_SCALE = 2.0
 FRONT_MARGIN = 8
 THICKNESS = 40
+# Slack of the inside test (crop pixels on the front side; voxels of a run's gap) that
+# absorbs the frontal depth map's pixel grid.
+_FRONT_TOLERANCE = 1.0
+_RUN_GAP = 4
 
 
 def front_depth(vertices: np.ndarray, triangles: np.ndarray,
@@ -70,47 +81,100 @@ def _fill_holes(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def top_map(vertices: np.ndarray, triangles: np.ndarray, *, size: int = VOLUME_SIZE,
-            depth: int = VOLUME_DEPTH, z_reference: float | None = None) -> np.ndarray:
-    """The compact, exact form of the target volume: ``(size, size)`` uint8 ``top`` with
-    ``top = floor(front) + 1`` clipped to ``[0, depth]`` over covered pixels and 0
-    elsewhere; column ``(y, x)`` is occupied for ``max(top - thickness, 0) <= d < top``.
+@numba.njit(cache=True, nogil=True)
+def _walk_columns(front, frontal, origin, rt, centre, z_reference, anchor, half_thickness,
+                  depth, runs):
+    """Fill ``runs`` ``(2, H, W)`` from the camera front ``(H, W)`` (voxels, ``-inf``
+    where uncovered) and the frontal depth map ``frontal`` ``(Hf, Wf)`` (crop pixels,
+    pixel ``(i, j)`` at frontal ``(x, y) = origin + (j, i)``)."""
+    h, w = front.shape
+    hf, wf = frontal.shape
+    for y in range(h):
+        for x in range(w):
+            f = front[y, x]
+            if not np.isfinite(f):
+                continue
+            stop = min(max(int(np.floor(f)) + 1, 0), depth)
+            if stop == 0:
+                continue
+            start = stop - 1
+            px, py = x - centre[0], y - centre[1]
+            d = stop - 2
+            while d >= 0 and d >= start - _RUN_GAP:
+                pz = z_reference + (d - anchor) / DEPTH_SCALE - centre[2]
+                qx = rt[0, 0] * px + rt[0, 1] * py + rt[0, 2] * pz + centre[0]
+                qy = rt[1, 0] * px + rt[1, 1] * py + rt[1, 2] * pz + centre[1]
+                qz = rt[2, 0] * px + rt[2, 1] * py + rt[2, 2] * pz + centre[2]
+                j = int(np.floor(qx - origin[0] + 0.5))
+                i = int(np.floor(qy - origin[1] + 0.5))
+                if 0 <= i < hf and 0 <= j < wf:
+                    zf = frontal[i, j]
+                    if zf - half_thickness < qz <= zf + _FRONT_TOLERANCE:
+                        start = d
+                d -= 1
+            runs[0, y, x] = start
+            runs[1, y, x] = stop
 
-    ``front = 2 (z - z_reference) + depth - 1 - FRONT_MARGIN`` in voxels;
-    ``z_reference`` defaults to the largest z of the visible surface.
-    """
-    z = _fill_holes(front_depth(vertices, triangles, size))
-    covered = np.isfinite(z)
-    if not covered.any():
-        return np.zeros((size, size), np.uint8)
-    if z_reference is None:
-        z_reference = float(z[covered].max())
-    front = DEPTH_SCALE * (z[covered] - z_reference) + (depth - 1 - FRONT_MARGIN)
-    top = np.zeros((size, size), np.int32)
-    top[covered] = np.clip(np.floor(front).astype(np.int64) + 1, 0, depth)
-    if depth > 255:
-        raise ValueError(f"depth must be <= 255 for a uint8 top map, got {depth}")
-    return top.astype(np.uint8)
 
+def column_runs(vertices: np.ndarray, triangles: np.ndarray, *,
+                rotation: np.ndarray | None = None, size: int = VOLUME_SIZE,
+                depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
+                z_reference: float | None = None) -> np.ndarray:
+    """The compact, exact form of the target volume: ``(2, size, size)`` uint8
+    ``[start, stop)``; column ``(y, x)`` is occupied for ``start <= d < stop`` (empty
+    columns hold ``0, 0``). See the module docstring.
 
-def volume_from_top(top: np.ndarray, *, depth: int = VOLUME_DEPTH,
-                    thickness: int = THICKNESS) -> np.ndarray:
-    """Expand a top map ``(..., H, W)`` uint8 to the binary volume ``(..., D, H, W)`` bool."""
-    top = np.asarray(top).astype(np.int16)[..., None, :, :]
-    d = np.arange(depth, dtype=np.int16)[:, None, None]
-    return (d < top) & (d >= top - thickness)
-
-
-def voxelize(vertices: np.ndarray, triangles: np.ndarray, *, size: int = VOLUME_SIZE,
-             depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
-             z_reference: float | None = None) -> np.ndarray:
-    """Binary occupancy volume ``(depth, size, size)`` bool of a mesh aligned to the crop
-    (see the module docstring for exactly what it holds).
-
-    ``vertices`` ``(V, 3)`` float ``(x, y, z)`` in crop pixels, x right, y down, z toward
-    the camera (same units as x and y); ``triangles`` ``(F, 3)`` int.
+    ``vertices`` ``(V, 3)`` float ``(x, y, z)`` crop pixels, x right, y down, z toward
+    the camera; ``triangles`` ``(F, 3)`` int; ``rotation`` ``(3, 3)``: the face's pose,
+    frontal-frame directions -> crop-frame directions (same axis convention; see
+    :func:`vrn.data.bfm.crop_rotation`); ``z_reference``: the crop-pixel depth put at
+    ``d = depth - 1 - FRONT_MARGIN``, by default the nearest visible point.
     """
     if thickness < 1:
         raise ValueError(f"thickness must be >= 1 voxel, got {thickness}")
-    top = top_map(vertices, triangles, size=size, depth=depth, z_reference=z_reference)
-    return volume_from_top(top, depth=depth, thickness=thickness)
+    if depth > 255:
+        raise ValueError(f"depth must be <= 255 for uint8 runs, got {depth}")
+    vertices = np.asarray(vertices, np.float64)
+    runs = np.zeros((2, size, size), np.uint8)
+    z = _fill_holes(front_depth(vertices, triangles, size))
+    covered = np.isfinite(z)
+    if not covered.any():
+        return runs
+    if z_reference is None:
+        z_reference = float(z[covered].max())
+    anchor = depth - 1 - FRONT_MARGIN
+    front = np.where(covered, DEPTH_SCALE * (z - z_reference) + anchor, -np.inf)
+
+    r = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+    if r.shape != (3, 3) or not np.allclose(r @ r.T, np.eye(3), atol=1e-6):
+        raise ValueError("rotation must be a (3, 3) rotation matrix")
+    centre = vertices.mean(0)
+    frontal = (vertices - centre) @ r + centre          # rows: R^T (p - c) + c
+    origin = np.floor(frontal[:, :2].min(0)) - 2
+    extent = np.ceil(frontal[:, :2].max(0) - origin).astype(int) + 3
+    shifted = frontal - np.array([origin[0], origin[1], 0.0])
+    zf = _fill_holes(front_depth(shifted, triangles, (int(extent[1]), int(extent[0]))))
+    _walk_columns(front.astype(np.float64), zf.astype(np.float64), origin,
+                  np.ascontiguousarray(r.T), centre, float(z_reference), float(anchor),
+                  thickness / DEPTH_SCALE, depth, runs)
+    return runs
+
+
+def volume_from_runs(runs: np.ndarray, *, depth: int = VOLUME_DEPTH) -> np.ndarray:
+    """Expand runs ``(..., 2, H, W)`` uint8 to the binary volume ``(..., D, H, W)`` bool."""
+    runs = np.asarray(runs).astype(np.int16)
+    start, stop = runs[..., 0, None, :, :], runs[..., 1, None, :, :]
+    d = np.arange(depth, dtype=np.int16)[:, None, None]
+    return (d >= start) & (d < stop)
+
+
+def voxelize(vertices: np.ndarray, triangles: np.ndarray, *,
+             rotation: np.ndarray | None = None, size: int = VOLUME_SIZE,
+             depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
+             z_reference: float | None = None) -> np.ndarray:
+    """Binary occupancy volume ``(depth, size, size)`` bool of a mesh aligned to the crop
+    (see the module docstring for exactly what it holds, and :func:`column_runs` for the
+    arguments)."""
+    runs = column_runs(vertices, triangles, rotation=rotation, size=size, depth=depth,
+                       thickness=thickness, z_reference=z_reference)
+    return volume_from_runs(runs, depth=depth)

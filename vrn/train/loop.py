@@ -16,8 +16,8 @@ with ``torchrun`` (PyTorch DDP).
   :class:`~vrn.model.ModelInfo` metadata) plus ``last-optimizer.pt`` (tensors and
   numbers only, loaded with ``weights_only=True``) to resume; a CSV log.
 
-Samples are ``(image, top)`` or ``(image, top, landmarks)``: ``image`` ``(S, S, 3)``
-uint8 RGB crop, ``top`` ``(S, S)`` uint8 (:func:`vrn.data.voxelize.top_map`),
+Samples are ``(image, runs)`` or ``(image, runs, landmarks)``: ``image`` ``(S, S, 3)``
+uint8 RGB crop, ``runs`` ``(2, S, S)`` uint8 (:func:`vrn.data.voxelize.column_runs`),
 ``landmarks`` ``(68, 2+)`` float crop pixels.
 """
 
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_path
-from ..data.voxelize import FRONT_MARGIN, THICKNESS
-from ..model import ModelInfo, VRNConfig, build_model, load_checkpoint, save_checkpoint
+from ..data.voxelize import FRONT_MARGIN
+from ..model import (ModelInfo, VRNConfig, build_model, load_checkpoint, load_model,
+                     save_checkpoint)
 from ..model.vrn import NUM_LANDMARKS
 
 CHECKPOINT = "last.safetensors"
@@ -59,7 +60,11 @@ class Augmentation:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs besides its data."""
+    """Everything a training run needs besides its data.
+
+    ``init_weights``: start from these weights (``.safetensors`` or ``.t7``; fine-tuning);
+    their architecture and configuration then replace ``architecture`` and ``model``.
+    """
 
     architecture: str = "VRN"
     model: VRNConfig = field(default_factory=VRNConfig)
@@ -69,7 +74,6 @@ class TrainConfig:
     lr: float = 1e-4
     lr_after_drop: float = 1e-5
     lr_drop_epoch: int = 40
-    thickness: int = THICKNESS
     loss_size: int | None = None
     augmentation: Augmentation | None = field(default_factory=Augmentation)
     workers: int = 0
@@ -78,6 +82,7 @@ class TrainConfig:
     save_every: int = 200
     max_minutes: float | None = None
     provenance: str = ""
+    init_weights: str | None = None
     device: str | None = None
 
     def to_dict(self) -> dict:
@@ -86,12 +91,13 @@ class TrainConfig:
         return d
 
 
-def augment_sample(image: np.ndarray, top: np.ndarray, landmarks: np.ndarray | None,
+def augment_sample(image: np.ndarray, runs: np.ndarray, landmarks: np.ndarray | None,
                    aug: Augmentation, rng: np.random.Generator, *, depth: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Apply one random joint augmentation to ``image`` ``(S, S, 3)`` uint8, ``top``
-    ``(S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in [0, 1],
-    uint8 top and float32 landmarks."""
+    """Apply one random joint augmentation to ``image`` ``(S, S, 3)`` uint8, ``runs``
+    ``(2, S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in [0, 1],
+    uint8 runs and float32 landmarks. Rotation is about the viewing axis, so every
+    column stays one run; depth is scaled with the image about the front anchor."""
     s = image.shape[0]
     c = (s - 1) / 2.0
     angle = rng.uniform(-aug.rotation, aug.rotation)
@@ -101,22 +107,24 @@ def augment_sample(image: np.ndarray, top: np.ndarray, landmarks: np.ndarray | N
     m[:, 2] += shift
     img = cv2.warpAffine(image, m, (s, s), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    warped = cv2.warpAffine(top, m, (s, s), flags=cv2.INTER_NEAREST,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
+    warped = cv2.warpAffine(np.ascontiguousarray(runs.transpose(1, 2, 0)), m, (s, s),
+                            flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=0).astype(np.float32)
     anchor = depth - FRONT_MARGIN
-    covered = warped > 0
-    warped[covered] = np.clip(np.round(anchor + scale * (warped[covered] - anchor)), 1, depth)
-    top = warped.astype(np.uint8)
+    covered = warped[..., 1] > 0
+    start = np.clip(np.round(anchor + scale * (warped[..., 0] - anchor)), 0, depth - 1)
+    stop = np.clip(np.round(anchor + scale * (warped[..., 1] - anchor)), 1, depth)
+    runs = np.where(covered, np.stack([start, stop]), 0).astype(np.uint8)
     if landmarks is not None:
         landmarks = (landmarks[:, :2] @ m[:, :2].T + m[:, 2]).astype(np.float32)
     if rng.random() < aug.flip:
-        img, top = img[:, ::-1], top[:, ::-1]
+        img, runs = img[:, ::-1], runs[:, :, ::-1]
         if landmarks is not None:
             landmarks = landmarks.copy()
             landmarks[:, 0] = s - 1 - landmarks[:, 0]
             landmarks = landmarks[FLIP_68]
     img = img.astype(np.float32) / 255 * rng.uniform(*aug.color, 3).astype(np.float32)
-    return np.clip(img, 0, 1), np.ascontiguousarray(top), landmarks
+    return np.clip(img, 0, 1), np.ascontiguousarray(runs), landmarks
 
 
 # 68-point (iBUG) index permutation under a horizontal flip.
@@ -129,7 +137,7 @@ FLIP_68 = np.array(
 
 class TrainingSet(torch.utils.data.Dataset):
     """Wraps an indexable of samples with augmentation; items are ``(image (3, S, S)
-    float32, top (S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
+    float32, runs (2, S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
 
     def __init__(self, samples, augmentation: Augmentation | None, *, depth: int = 200,
                  seed: int = 0):
@@ -144,31 +152,31 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         item = self.samples[index]
-        image, top = item[0], item[1]
+        image, runs = item[0], item[1]
         landmarks = np.asarray(item[2], np.float32)[:, :2] if len(item) > 2 else None
         if self.augmentation is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            image, top, landmarks = augment_sample(image, top, landmarks, self.augmentation,
+            image, runs, landmarks = augment_sample(image, runs, landmarks, self.augmentation,
                                                    rng, depth=self.depth)
         else:
             image = image.astype(np.float32) / 255
         if landmarks is None:
             landmarks = np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                torch.from_numpy(np.ascontiguousarray(top)), torch.from_numpy(landmarks))
+                torch.from_numpy(np.ascontiguousarray(runs)), torch.from_numpy(landmarks))
 
 
-def volume_targets(top: torch.Tensor, *, depth: int, thickness: int, size: int
-                   ) -> torch.Tensor:
-    """Binary volumes ``(N, depth, size, size)`` float32 from top maps ``(N, S, S)``
+def volume_targets(runs: torch.Tensor, *, depth: int, size: int) -> torch.Tensor:
+    """Binary volumes ``(N, depth, size, size)`` float32 from runs ``(N, 2, S, S)``
     sampled at the ``size`` x ``size`` grid that ``align_corners=True`` resizing uses."""
-    s = top.shape[-1]
+    s = runs.shape[-1]
     if size != s:
         idx = torch.round(torch.arange(size, dtype=torch.float64) * (s - 1) / (size - 1)).long()
-        top = top[:, idx][:, :, idx]
-    top = top.to(torch.int16)[:, None]
-    d = torch.arange(depth, dtype=torch.int16, device=top.device)[None, :, None, None]
-    return ((d < top) & (d >= top - thickness)).float()
+        runs = runs[:, :, idx][:, :, :, idx]
+    runs = runs.to(torch.int16)
+    start, stop = runs[:, 0:1], runs[:, 1:2]
+    d = torch.arange(depth, dtype=torch.int16, device=runs.device)[None, :, None, None]
+    return ((d >= start) & (d < stop)).float()
 
 
 def heatmap_targets(landmarks: torch.Tensor, *, input_size: int, size: int,
@@ -219,8 +227,8 @@ def _init_prior_bias(model: nn.Module, dataset: TrainingSet, config: TrainConfig
     count = min(count, len(dataset))
     if count == 0:
         return
-    tops = torch.stack([dataset[i][1] for i in range(count)])
-    occupancy = volume_targets(tops, depth=cfg.out_depth, thickness=config.thickness,
+    runs = torch.stack([dataset[i][1] for i in range(count)])
+    occupancy = volume_targets(runs, depth=cfg.out_depth,
                                size=min(48, cfg.input_size)).mean(dim=(0, 2, 3))
     p = occupancy.clamp(1e-4, 1 - 1e-4)
     with torch.no_grad():
@@ -268,6 +276,9 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     state = {"epoch": 0, "step": 0}
     if resume and ckpt_path.is_file():
         model = load_checkpoint(ckpt_path, bn_mode=config.bn_mode)
+    elif config.init_weights:
+        resume = False
+        model = load_model(config.init_weights, bn_mode=config.bn_mode)
     else:
         resume = False
         model = build_model(config.architecture, config.model, bn_mode=config.bn_mode)
@@ -286,7 +297,7 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed)
-    if not resume and hasattr(model, "head"):
+    if not resume and not config.init_weights and hasattr(model, "head"):
         _init_prior_bias(model, dataset, config, cfg)
 
     log_path = out_dir / LOG
@@ -335,11 +346,10 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
                 generator=torch.Generator().manual_seed(config.seed + epoch))
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                        disable=not progress or rank != 0, leave=False)
-            for images, tops, landmarks in bar:
+            for images, runs, landmarks in bar:
                 t0 = time.perf_counter()
                 images = images.to(device, non_blocking=True)
-                targets = volume_targets(tops.to(device), depth=cfg.out_depth,
-                                         thickness=config.thickness, size=loss_size)
+                targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
                 volume, heat = model_logits(net.module if world > 1 else net, images, loss_size)
                 volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
                 loss = volume_loss
