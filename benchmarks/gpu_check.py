@@ -314,22 +314,12 @@ def check_onnxruntime_gpu(ctx: Context) -> dict:
 def check_live_headless(ctx: Context) -> dict:
     """``vrn-live --headless`` with ``--backend auto`` on a video of the sample photo
     moved and rotated: steady-state FPS and per-stage p50."""
-    import cv2
-
+    from vrn.bench.video import moving_face_video
     from vrn.runtime.capture import FrameGrabber
-    from vrn.runtime.image_io import sample_image_path
     from vrn.runtime.live import run_live
     from vrn.runtime.pipeline import Reconstructor
 
-    video = ctx.scratch / "moving_face.avi"
-    photo = cv2.imread(str(sample_image_path()))
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (512, 512))
-    for i in range(120):
-        t = i / 119
-        m = cv2.getRotationMatrix2D((256, 256), -10 + 20 * t, 1.0)
-        m[:, 2] += (-20 + 40 * t, 10 * np.sin(2 * np.pi * t))
-        writer.write(cv2.warpAffine(photo, m, (512, 512), borderMode=cv2.BORDER_REFLECT))
-    writer.release()
+    video = moving_face_video(ctx.scratch / "moving_face.avi", frames=120)
     rec = Reconstructor(ctx.weights, backend="auto", cache_dir=ctx.scratch)
     rec.warmup()
     with open(ctx.scratch / "live.log", "w") as log:

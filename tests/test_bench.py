@@ -121,6 +121,22 @@ def test_frame_source_reads_a_video_and_rewinds(tmp_path, sample_image):
     source.close()
 
 
+def test_moving_face_video_is_a_readable_clip(tmp_path):
+    import cv2
+
+    from vrn.bench.video import moving_face_video
+
+    path = moving_face_video(tmp_path / "clip.avi", frames=4, size=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi"]  # no temporary left
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while (ok := cap.read())[0]:
+        frames.append(ok[1])
+    cap.release()
+    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)
+    assert not np.array_equal(frames[0], frames[3])  # the face moves
+
+
 def _numbers(value, path="report"):
     """Every number in a nested report, with where it is."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
