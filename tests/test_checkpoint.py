@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -109,6 +110,9 @@ def test_save_replaces_atomically(tmp_path):
     save_checkpoint(small("VRN", seed=2), path)
     assert torch.equal(outputs(load_checkpoint(path)), outputs(small("VRN", seed=2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any new file
 
 
 # -- bad input -----------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_aflw_reader_on_synthetic_mat(tmp_path, fake_bfm):
     centre = rec.vertices[:, :2].mean(0)
     assert np.allclose(centre, [99, 105], atol=15)
     crop, runs, landmarks = data[0]
-    assert crop.shape == (192, 192, 3) and runs.shape == (2, 192, 192)
+    assert crop.shape == (192, 192, 3) and runs.shape == (3, 2, 192, 192)
     assert landmarks.shape == (68, 3)
     # The crop rule centres the landmarks and gives them an extent of 90 crop pixels.
     lm = vertices_to_crop(rec.landmarks, rec.photo_to_crop)
@@ -115,11 +115,11 @@ def test_synthetic_faces_reproducible_and_cached(tmp_path, fake_bfm):
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.runs, b.runs)
     assert a.image.shape == (192, 192, 3) and a.image.dtype == np.uint8
-    assert a.runs.dtype == np.uint8 and a.runs.shape == (2, 192, 192) and a.runs.max() > 0
+    assert a.runs.dtype == np.uint8 and a.runs.shape == (3, 2, 192, 192) and a.runs.max() > 0
     assert not np.array_equal(faces[6].image, a.image)
     assert not np.array_equal(SyntheticFaces(fake_bfm, seed=4)[5].image, a.image)
     # The face is rendered where its target volume is.
-    covered = a.runs[1] > 0
+    covered = a.runs[0, 1] > 0
     assert covered.sum() > 500
     write_cache(faces, tmp_path, start=0, count=5, shard_size=2, progress=False)
     cached = CachedFaces(tmp_path)

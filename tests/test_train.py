@@ -38,15 +38,16 @@ def _samples(n=4, size=32, depth=8):
         image = np.zeros((size, size, 3), np.uint8)
         image[inside] = 40 * level
         runs = np.stack([np.where(inside, max(level - 3, 0), 0),
-                         np.where(inside, level, 0)]).astype(np.uint8)
+                         np.where(inside, level, 0)])[None].astype(np.uint8)  # one run
         landmarks = np.stack([rng.uniform(4, 28, 68), rng.uniform(4, 28, 68)], 1)
         out.append((image, runs, landmarks.astype(np.float32)))
     return out
 
 
 def test_volume_targets_match_volume_from_runs():
-    runs = np.sort(np.random.default_rng(0).integers(0, 9, (2, 2, 32, 32)), axis=1)
-    runs = torch.from_numpy(runs.transpose(1, 0, 2, 3).astype(np.uint8))  # (N, 2, S, S)
+    bounds = np.sort(np.random.default_rng(0).integers(0, 9, (4, 2, 32, 32)), axis=0)
+    runs = torch.from_numpy(bounds.transpose(1, 0, 2, 3).reshape(2, 2, 2, 32, 32)
+                            .astype(np.uint8))  # (N, K=2, 2, S, S): 2 runs per column
     full = volume_targets(runs, depth=8, size=32)
     np.testing.assert_array_equal(full.numpy().astype(bool),
                                   volume_from_runs(runs.numpy(), depth=8))
@@ -76,23 +77,25 @@ def test_flip_mirrors_image_target_and_landmarks():
     image, runs, lm = _samples(1)[0]
     flip = Augmentation(rotation=0, translation=0, scale=(1, 1), flip=1.0, color=(1, 1))
     img, runs2, lm2 = augment_sample(image, runs, lm, flip, np.random.default_rng(0), depth=8)
-    np.testing.assert_array_equal(runs2, runs[:, :, ::-1])
+    np.testing.assert_array_equal(runs2, runs[..., ::-1])
     np.testing.assert_allclose(lm2[FLIP_68[0]], [31 - lm[0, 0], lm[0, 1]], atol=1e-4)
     assert sorted(FLIP_68) == list(range(68)) and FLIP_68[36] == 45 and FLIP_68[48] == 54
 
 
 def test_scaling_keeps_front_anchor():
-    runs = np.zeros((2, 32, 32), np.uint8)
-    runs[1, 8:24, 8:24] = 200 - 8  # the anchor: nearest point of the volume
-    runs[0, 8:24, 8:24] = 152
-    runs[1, 15, 15] = 150
+    runs = np.zeros((2, 2, 32, 32), np.uint8)
+    runs[0, 1, 8:24, 8:24] = 200 - 8  # the anchor: nearest point of the volume
+    runs[0, 0, 8:24, 8:24] = 152
+    runs[0, 1, 15, 15] = 150
+    runs[1, 0, 18:23, 18:23], runs[1, 1, 18:23, 18:23] = 100, 120  # a second run behind
     grow = Augmentation(rotation=0, translation=0, scale=(1.2, 1.2), flip=0, color=(1, 1))
     _, out, _ = augment_sample(np.zeros((32, 32, 3), np.uint8), runs, None, grow,
                                np.random.default_rng(0), depth=200)
-    assert out[1].max() == 192
-    assert out[1, 15, 15] < 150  # 42 voxels behind the front become about 50
-    assert out[0, 12, 12] == 144  # the run's back end moves away from the anchor too
-    assert out[0, 0, 0] == out[1, 0, 0] == 0
+    assert out[0, 1].max() == 192
+    assert out[0, 1, 15, 15] < 150  # 42 voxels behind the front become about 50
+    assert out[0, 0, 12, 12] == 144  # the run's back end moves away from the anchor too
+    assert tuple(out[1, :, 20, 20]) == (round(192 - 1.2 * 92), round(192 - 1.2 * 72))
+    assert not out[..., 0, 0].any() and not out[1, :, 12, 12].any()
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):

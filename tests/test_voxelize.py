@@ -46,11 +46,13 @@ def test_volume_shape_convention_and_thickness():
 def test_runs_are_exact_compact_form():
     v, t = _crop_mesh()
     runs = column_runs(v, t, thickness=25)
-    assert runs.dtype == np.uint8 and runs.shape == (2, 192, 192)
+    assert runs.dtype == np.uint8 and runs.shape == (3, 2, 192, 192)
     np.testing.assert_array_equal(volume_from_runs(runs), voxelize(v, t, thickness=25))
-    covered = runs[1] > 0
-    # No rotation: the fill runs along the camera axis, `thickness` voxels deep.
-    assert np.all(runs[1][covered].astype(int) - runs[0][covered] == 25)
+    first = runs[0].astype(int)
+    covered = first[1] > 0
+    # No rotation: the fill runs along the camera axis, `thickness` voxels deep, one run.
+    assert np.all(first[1][covered] - first[0][covered] == 25)
+    assert not runs[1:].any()
 
 
 def _yawed(v, degrees):
@@ -68,11 +70,12 @@ def test_frontalised_fill_of_a_turned_plane():
                       np.zeros(len(vertices))], 1)
     turned, r = _yawed(plane, 45)
     runs = column_runs(turned, t, rotation=r).astype(int)
-    inner = runs[:, 80:112, 82:110]  # columns whose ray leaves through the back face
+    assert not runs[1:].any()  # a plane: one run per column
+    inner = runs[0][:, 80:112, 82:110]  # columns whose ray leaves through the back face
     assert np.all(inner[1] > 0)
     np.testing.assert_allclose(np.median(inner[1] - inner[0]), 20 / np.cos(np.pi / 4) * 2,
                                atol=1.5)
-    camera_axis = column_runs(turned, t).astype(int)[:, 80:112, 82:110]
+    camera_axis = column_runs(turned, t).astype(int)[0][:, 80:112, 82:110]
     assert np.all(np.abs(camera_axis[1] - camera_axis[0] - 40) <= 1)
 
 
@@ -103,7 +106,7 @@ def test_mouth_hole_is_filled():
     z = front_depth(v, t[keep])
     assert not np.isfinite(z[96, 96])
     runs = column_runs(v, t[keep])
-    assert runs[1, 96, 96] > runs[0, 96, 96]
+    assert runs[0, 1, 96, 96] > runs[0, 0, 96, 96]
 
 
 def test_bad_input():

@@ -81,7 +81,7 @@ def read_fit(mat_path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 class AFLWFolder:
     """An AFLW2000-3D / 300W-LP-format folder. Indexing returns training samples
-    ``(crop (192, 192, 3) uint8, runs (2, 192, 192) uint8, landmarks (68, 3) float32)`` in
+    ``(crop (192, 192, 3) uint8, runs (K, 2, 192, 192) uint8, landmarks (68, 3) float32)`` in
     crop pixels; :meth:`record` returns the full :class:`AFLWRecord`."""
 
     def __init__(self, folder: str | os.PathLike, bfm: BFM, *, size: int = CROP_SIZE,

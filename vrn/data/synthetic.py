@@ -46,7 +46,7 @@ HAIR_TONES = np.array([[30, 22, 18], [70, 45, 30], [120, 85, 50], [200, 170, 120
 
 @dataclass
 class FaceSample:
-    """``image`` ``(S, S, 3)`` uint8 RGB crop; ``runs`` ``(2, S, S)`` uint8 target (see
+    """``image`` ``(S, S, 3)`` uint8 RGB crop; ``runs`` ``(K, 2, S, S)`` uint8 target (see
     :func:`~vrn.data.voxelize.column_runs`); ``landmarks`` ``(68, 3)`` float32 crop pixels
     ``(x, y, z)``; ``vertices`` ``(V, 3)`` float32 the posed mesh in crop pixels."""
 
@@ -279,7 +279,7 @@ class SyntheticFaces:
 def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int, count: int,
                 shard_size: int = 100, progress: bool = True) -> list[Path]:
     """Render samples ``start .. start + count - 1`` into ``folder`` as ``.npz`` shards
-    ``faces-<first index>.npz`` (``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, 2, S, S)``
+    ``faces-<first index>.npz`` (``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, K, 2, S, S)``
     uint8, ``landmarks`` ``(N, 68, 3)`` float32, ``indices`` ``(N,)`` int64), each written
     atomically; shards already present are kept (so an interrupted run resumes)."""
     from tqdm import tqdm
@@ -306,14 +306,15 @@ def write_cache(faces: SyntheticFaces, folder: str | os.PathLike, *, start: int,
 class CachedFaces:
     """Samples from the ``.npz`` shards of a cache folder: ``(image, runs, landmarks)``.
 
-    ``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, 2, S, S)`` uint8 and ``landmarks``
-    ``(N, 68, 3)`` float32 crop pixels are held in memory (about 180 KB per sample)."""
+    ``images`` ``(N, S, S, 3)`` uint8, ``runs`` ``(N, K, 2, S, S)`` uint8 and
+    ``landmarks`` ``(N, 68, 3)`` float32 crop pixels are held in memory (about 330 KB per
+    sample with ``K = 3``)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self._loaded: list[Path] = []
         self.images = np.zeros((0, 1, 1, 3), np.uint8)
-        self.runs = np.zeros((0, 2, 1, 1), np.uint8)
+        self.runs = np.zeros((0, 1, 2, 1, 1), np.uint8)
         self.landmarks = np.zeros((0, 68, 3), np.float32)
         self.refresh()
         if not self._loaded:
@@ -327,9 +328,9 @@ class CachedFaces:
         for p in new:
             with np.load(p) as z:
                 images.append(z["images"])
-                if "runs" not in z.files:
-                    raise VRNError(f"{p}: a shard of an earlier cache format (no 'runs'); "
-                                   "render the cache again into a new folder")
+                if "runs" not in z.files or z["runs"].ndim != 5:
+                    raise VRNError(f"{p}: a shard of an earlier cache format (no (N, K, 2, "
+                                   "S, S) 'runs'); render the cache again into a new folder")
                 runs.append(z["runs"])
                 landmarks.append(z["landmarks"].astype(np.float32))
         if new:

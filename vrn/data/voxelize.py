@@ -16,15 +16,17 @@ What the volume means (our training targets, and how the shipped model's output 
   (``q = R^T (p - c) + c`` about its centroid ``c``), its frontal depth map ``zf`` is
   rendered, and a point is inside the face's slab when ``zf(q) - thickness / 2 < q_z <=
   zf(q)`` (``thickness`` voxels, default 40, i.e. 20 crop pixels, measured along the
-  frontal viewing direction). Each camera column is occupied from the visible surface
-  (the camera z-buffer) back to where its ray leaves that rotated slab. A profile face
-  is therefore filled across, as the paper's targets are, not just 20 pixels behind the
-  cheek. ``rotation=None`` is the identity: the fill then runs along the camera axis.
+  frontal viewing direction). The volume holds every voxel of that rotated slab whose
+  column the face covers, from the visible surface (the camera z-buffer) back: a
+  profile face is filled across, and the hidden half of a turned face is there as well,
+  as in the paper's targets. ``rotation=None`` is the identity: the fill then runs
+  along the camera axis.
 
-Each column holds one run of occupied voxels (the first run of the ray through the
-slab; a ray that leaves the slab and re-enters it, rare and only near 90 degrees of yaw,
-keeps its first run), so a target is stored exactly as a ``(2, H, W)`` uint8 map of
-``[start, stop)`` per column (:func:`column_runs`, :func:`volume_from_runs`).
+A camera ray crosses the slab in a few runs of occupied voxels (the visible part, then
+for a turned face the hidden cheek behind the nose, rarely more), so a target is stored
+exactly as a ``(K, 2, H, W)`` uint8 map of ``[start, stop)`` per run and column
+(:func:`column_runs`, :func:`volume_from_runs`; ``K`` = :data:`MAX_RUNS` = 3 by
+default, gaps of up to four voxels are bridged).
 
 The isosurface at 0.5 of such a volume, with vertex ``z = 0.5 d``, lies within half a
 voxel of the visible surface (the surface at ``front`` is rounded to the voxel grid).
@@ -46,6 +48,7 @@ THICKNESS = 40
 # absorbs the frontal depth map's pixel grid.
 _FRONT_TOLERANCE = 1.0
 _RUN_GAP = 4
+MAX_RUNS = 3
 
 
 def front_depth(vertices: np.ndarray, triangles: np.ndarray,
@@ -84,11 +87,14 @@ def _fill_holes(z: np.ndarray) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _walk_columns(front, frontal, origin, rt, centre, z_reference, anchor, half_thickness,
                   depth, runs):
-    """Fill ``runs`` ``(2, H, W)`` from the camera front ``(H, W)`` (voxels, ``-inf``
+    """Fill ``runs`` ``(K, 2, H, W)`` from the camera front ``(H, W)`` (voxels, ``-inf``
     where uncovered) and the frontal depth map ``frontal`` ``(Hf, Wf)`` (crop pixels,
-    pixel ``(i, j)`` at frontal ``(x, y) = origin + (j, i)``)."""
+    pixel ``(i, j)`` at frontal ``(x, y) = origin + (j, i)``); returns the number of
+    columns that had more than ``K`` runs (their extra runs, the farthest, are dropped)."""
+    k_max = runs.shape[0]
     h, w = front.shape
     hf, wf = frontal.shape
+    overflow = 0
     for y in range(h):
         for x in range(w):
             f = front[y, x]
@@ -97,45 +103,61 @@ def _walk_columns(front, frontal, origin, rt, centre, z_reference, anchor, half_
             stop = min(max(int(np.floor(f)) + 1, 0), depth)
             if stop == 0:
                 continue
-            start = stop - 1
+            k = 0
+            start = stop - 1  # the visible surface always opens the first run
             px, py = x - centre[0], y - centre[1]
-            d = stop - 2
-            while d >= 0 and d >= start - _RUN_GAP:
+            for d in range(stop - 2, -1, -1):
                 pz = z_reference + (d - anchor) / DEPTH_SCALE - centre[2]
                 qx = rt[0, 0] * px + rt[0, 1] * py + rt[0, 2] * pz + centre[0]
                 qy = rt[1, 0] * px + rt[1, 1] * py + rt[1, 2] * pz + centre[1]
                 qz = rt[2, 0] * px + rt[2, 1] * py + rt[2, 2] * pz + centre[2]
                 j = int(np.floor(qx - origin[0] + 0.5))
                 i = int(np.floor(qy - origin[1] + 0.5))
-                if 0 <= i < hf and 0 <= j < wf:
-                    zf = frontal[i, j]
-                    if zf - half_thickness < qz <= zf + _FRONT_TOLERANCE:
-                        start = d
-                d -= 1
-            runs[0, y, x] = start
-            runs[1, y, x] = stop
+                if not (0 <= i < hf and 0 <= j < wf):
+                    continue
+                zf = frontal[i, j]
+                if not (zf - half_thickness < qz <= zf + _FRONT_TOLERANCE):
+                    continue
+                if d >= start - 1 - _RUN_GAP:  # continues (or bridges a small gap in) the run
+                    start = d
+                    continue
+                if k < k_max:
+                    runs[k, 0, y, x] = start
+                    runs[k, 1, y, x] = stop
+                k += 1
+                start, stop = d, d + 1
+            if k < k_max:
+                runs[k, 0, y, x] = start
+                runs[k, 1, y, x] = stop
+            else:
+                overflow += 1
+    return overflow
 
 
 def column_runs(vertices: np.ndarray, triangles: np.ndarray, *,
                 rotation: np.ndarray | None = None, size: int = VOLUME_SIZE,
                 depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
-                z_reference: float | None = None) -> np.ndarray:
-    """The compact, exact form of the target volume: ``(2, size, size)`` uint8
-    ``[start, stop)``; column ``(y, x)`` is occupied for ``start <= d < stop`` (empty
-    columns hold ``0, 0``). See the module docstring.
+                max_runs: int = MAX_RUNS, z_reference: float | None = None) -> np.ndarray:
+    """The compact, exact form of the target volume: ``(max_runs, 2, size, size)`` uint8
+    ``[start, stop)`` per run, nearest the camera first; column ``(y, x)`` is occupied
+    for ``start <= d < stop`` of any of its runs (unused runs hold ``0, 0``). See the
+    module docstring.
 
     ``vertices`` ``(V, 3)`` float ``(x, y, z)`` crop pixels, x right, y down, z toward
     the camera; ``triangles`` ``(F, 3)`` int; ``rotation`` ``(3, 3)``: the face's pose,
     frontal-frame directions -> crop-frame directions (same axis convention; see
-    :func:`vrn.data.bfm.crop_rotation`); ``z_reference``: the crop-pixel depth put at
+    :func:`vrn.data.bfm.crop_rotation`); ``max_runs``: runs kept per column (a column
+    with more keeps the nearest ones); ``z_reference``: the crop-pixel depth put at
     ``d = depth - 1 - FRONT_MARGIN``, by default the nearest visible point.
     """
     if thickness < 1:
         raise ValueError(f"thickness must be >= 1 voxel, got {thickness}")
     if depth > 255:
         raise ValueError(f"depth must be <= 255 for uint8 runs, got {depth}")
+    if max_runs < 1:
+        raise ValueError(f"max_runs must be >= 1, got {max_runs}")
     vertices = np.asarray(vertices, np.float64)
-    runs = np.zeros((2, size, size), np.uint8)
+    runs = np.zeros((max_runs, 2, size, size), np.uint8)
     z = _fill_holes(front_depth(vertices, triangles, size))
     covered = np.isfinite(z)
     if not covered.any():
@@ -161,20 +183,23 @@ def column_runs(vertices: np.ndarray, triangles: np.ndarray, *,
 
 
 def volume_from_runs(runs: np.ndarray, *, depth: int = VOLUME_DEPTH) -> np.ndarray:
-    """Expand runs ``(..., 2, H, W)`` uint8 to the binary volume ``(..., D, H, W)`` bool."""
+    """Expand runs ``(..., K, 2, H, W)`` uint8 to the binary volume ``(..., D, H, W)``
+    bool."""
     runs = np.asarray(runs).astype(np.int16)
-    start, stop = runs[..., 0, None, :, :], runs[..., 1, None, :, :]
     d = np.arange(depth, dtype=np.int16)[:, None, None]
-    return (d >= start) & (d < stop)
+    volume = np.zeros(runs.shape[:-4] + (depth,) + runs.shape[-2:], bool)
+    for k in range(runs.shape[-4]):
+        volume |= (d >= runs[..., k, 0, None, :, :]) & (d < runs[..., k, 1, None, :, :])
+    return volume
 
 
 def voxelize(vertices: np.ndarray, triangles: np.ndarray, *,
              rotation: np.ndarray | None = None, size: int = VOLUME_SIZE,
              depth: int = VOLUME_DEPTH, thickness: int = THICKNESS,
-             z_reference: float | None = None) -> np.ndarray:
+             max_runs: int = MAX_RUNS, z_reference: float | None = None) -> np.ndarray:
     """Binary occupancy volume ``(depth, size, size)`` bool of a mesh aligned to the crop
     (see the module docstring for exactly what it holds, and :func:`column_runs` for the
     arguments)."""
     runs = column_runs(vertices, triangles, rotation=rotation, size=size, depth=depth,
-                       thickness=thickness, z_reference=z_reference)
+                       thickness=thickness, max_runs=max_runs, z_reference=z_reference)
     return volume_from_runs(runs, depth=depth)

@@ -17,7 +17,7 @@ with ``torchrun`` (PyTorch DDP).
   numbers only, loaded with ``weights_only=True``) to resume; a CSV log.
 
 Samples are ``(image, runs)`` or ``(image, runs, landmarks)``: ``image`` ``(S, S, 3)``
-uint8 RGB crop, ``runs`` ``(2, S, S)`` uint8 (:func:`vrn.data.voxelize.column_runs`),
+uint8 RGB crop, ``runs`` ``(K, 2, S, S)`` uint8 (:func:`vrn.data.voxelize.column_runs`),
 ``landmarks`` ``(68, 2+)`` float crop pixels.
 """
 
@@ -95,9 +95,10 @@ def augment_sample(image: np.ndarray, runs: np.ndarray, landmarks: np.ndarray | 
                    aug: Augmentation, rng: np.random.Generator, *, depth: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Apply one random joint augmentation to ``image`` ``(S, S, 3)`` uint8, ``runs``
-    ``(2, S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in [0, 1],
-    uint8 runs and float32 landmarks. Rotation is about the viewing axis, so every
-    column stays one run; depth is scaled with the image about the front anchor."""
+    ``(K, 2, S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in
+    [0, 1], uint8 runs and float32 landmarks. Rotation is about the viewing axis, so
+    columns move whole (nearest neighbour); depth is scaled with the image about the
+    front anchor."""
     s = image.shape[0]
     c = (s - 1) / 2.0
     angle = rng.uniform(-aug.rotation, aug.rotation)
@@ -107,18 +108,22 @@ def augment_sample(image: np.ndarray, runs: np.ndarray, landmarks: np.ndarray | 
     m[:, 2] += shift
     img = cv2.warpAffine(image, m, (s, s), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    warped = cv2.warpAffine(np.ascontiguousarray(runs.transpose(1, 2, 0)), m, (s, s),
-                            flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                            borderValue=0).astype(np.float32)
+    # Each output column's source column, through a float32 map of flat indices (exact
+    # below 2**24), so that all 2K channels move together.
+    flat = np.arange(s * s, dtype=np.float32).reshape(s, s)
+    source = cv2.warpAffine(flat, m, (s, s), flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=-1).astype(np.int64)
+    warped = runs.reshape(-1, s * s)[:, np.maximum(source, 0)].astype(np.float32)
+    warped = warped.reshape(runs.shape) * (source >= 0)
     anchor = depth - FRONT_MARGIN
-    covered = warped[..., 1] > 0
-    start = np.clip(np.round(anchor + scale * (warped[..., 0] - anchor)), 0, depth - 1)
-    stop = np.clip(np.round(anchor + scale * (warped[..., 1] - anchor)), 1, depth)
-    runs = np.where(covered, np.stack([start, stop]), 0).astype(np.uint8)
+    used = warped[:, 1] > 0
+    start = np.clip(np.round(anchor + scale * (warped[:, 0] - anchor)), 0, depth - 1)
+    stop = np.clip(np.round(anchor + scale * (warped[:, 1] - anchor)), 1, depth)
+    runs = np.where(used[:, None], np.stack([start, stop], axis=1), 0).astype(np.uint8)
     if landmarks is not None:
         landmarks = (landmarks[:, :2] @ m[:, :2].T + m[:, 2]).astype(np.float32)
     if rng.random() < aug.flip:
-        img, runs = img[:, ::-1], runs[:, :, ::-1]
+        img, runs = img[:, ::-1], runs[..., ::-1]
         if landmarks is not None:
             landmarks = landmarks.copy()
             landmarks[:, 0] = s - 1 - landmarks[:, 0]
@@ -137,7 +142,7 @@ FLIP_68 = np.array(
 
 class TrainingSet(torch.utils.data.Dataset):
     """Wraps an indexable of samples with augmentation; items are ``(image (3, S, S)
-    float32, runs (2, S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
+    float32, runs (K, 2, S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
 
     def __init__(self, samples, augmentation: Augmentation | None, *, depth: int = 200,
                  seed: int = 0):
@@ -167,16 +172,19 @@ class TrainingSet(torch.utils.data.Dataset):
 
 
 def volume_targets(runs: torch.Tensor, *, depth: int, size: int) -> torch.Tensor:
-    """Binary volumes ``(N, depth, size, size)`` float32 from runs ``(N, 2, S, S)``
+    """Binary volumes ``(N, depth, size, size)`` float32 from runs ``(N, K, 2, S, S)``
     sampled at the ``size`` x ``size`` grid that ``align_corners=True`` resizing uses."""
     s = runs.shape[-1]
     if size != s:
         idx = torch.round(torch.arange(size, dtype=torch.float64) * (s - 1) / (size - 1)).long()
-        runs = runs[:, :, idx][:, :, :, idx]
+        runs = runs[..., idx, :][..., idx]
     runs = runs.to(torch.int16)
-    start, stop = runs[:, 0:1], runs[:, 1:2]
     d = torch.arange(depth, dtype=torch.int16, device=runs.device)[None, :, None, None]
-    return ((d >= start) & (d < stop)).float()
+    occupied = torch.zeros((runs.shape[0], depth, size, size), dtype=torch.bool,
+                           device=runs.device)
+    for k in range(runs.shape[1]):
+        occupied |= (d >= runs[:, k, 0:1]) & (d < runs[:, k, 1:2])
+    return occupied.float()
 
 
 def heatmap_targets(landmarks: torch.Tensor, *, input_size: int, size: int,
