@@ -346,4 +346,3 @@ class CachedFaces:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.images[index], self.runs[index], self.landmarks[index]
-

@@ -89,12 +89,11 @@ def _walk_columns(front, frontal, origin, rt, centre, z_reference, anchor, half_
                   depth, runs):
     """Fill ``runs`` ``(K, 2, H, W)`` from the camera front ``(H, W)`` (voxels, ``-inf``
     where uncovered) and the frontal depth map ``frontal`` ``(Hf, Wf)`` (crop pixels,
-    pixel ``(i, j)`` at frontal ``(x, y) = origin + (j, i)``); returns the number of
-    columns that had more than ``K`` runs (their extra runs, the farthest, are dropped)."""
+    pixel ``(i, j)`` at frontal ``(x, y) = origin + (j, i)``). A column with more than
+    ``K`` runs keeps the nearest ``K``."""
     k_max = runs.shape[0]
     h, w = front.shape
     hf, wf = frontal.shape
-    overflow = 0
     for y in range(h):
         for x in range(w):
             f = front[y, x]
@@ -129,9 +128,6 @@ def _walk_columns(front, frontal, origin, rt, centre, z_reference, anchor, half_
             if k < k_max:
                 runs[k, 0, y, x] = start
                 runs[k, 1, y, x] = stop
-            else:
-                overflow += 1
-    return overflow
 
 
 def column_runs(vertices: np.ndarray, triangles: np.ndarray, *,
