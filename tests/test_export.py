@@ -708,8 +708,8 @@ def fake_gpu_build(monkeypatch, tensorrt_module):
         monkeypatch.setattr(module, "current_gpu", lambda device=0: GPU)
 
     def cpu_executor():
-        def execute(context, input_name, image, output_name, out_shape):
-            return run_onnx(build.onnx_path, image)
+        def execute(context, feeds, output_name, out_shape):
+            return run_onnx(build.onnx_path, *feeds.values())
         return execute
 
     monkeypatch.setattr(tensorrt_build, "_device_executor", cpu_executor)

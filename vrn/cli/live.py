@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the face detector every K frames, track in between (default 5)")
     p.add_argument("--all-faces", action="store_true",
                    help="reconstruct every face (as one batch), not only the largest")
-    p.add_argument("--yunet", metavar="MODEL.onnx",
-                   help="detect faces with this YuNet model instead of the Haar cascades")
+    p.add_argument("--detector-model", metavar="MODEL.onnx",
+                   help="a YuNet face detector model (cv2.FaceDetectorYN) replacing the "
+                        "shipped one")
+    p.add_argument("--yunet", dest="detector_model", help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("--detector-threshold", type=float, metavar="T",
+                   help="least face detection score, 0-1 (default 0.6; lower finds more "
+                        "faces)")
     p.add_argument("--stats-json", metavar="PATH",
                    help="write the summary and per-frame records (boxes, mesh sizes, ms)")
     p.add_argument("--stats-interval", type=float, default=2.0, metavar="S",
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ..runtime.capture import FrameGrabber
+    from ..runtime.detect import create_detector
     from ..runtime.live import check_display, format_summary, run_live
     from ..runtime.pipeline import Reconstructor
 
@@ -80,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing the {args.backend} backend (the first onnxruntime run of new "
               "weights exports them to ONNX once; this can take a minute)", flush=True)
         try:
+            threshold = ({} if args.detector_threshold is None
+                         else {"score_threshold": args.detector_threshold})
+            detector = create_detector(args.detector_model, **threshold)
             reconstructor = Reconstructor(args.engine or args.weights, backend=args.backend,
                                           device=args.device, precision=args.precision,
-                                          all_faces=args.all_faces, yunet_model=args.yunet)
+                                          all_faces=args.all_faces, detector=detector)
         except (VRNError, ValueError) as exc:
             print(f"vrn-live: {exc}", file=sys.stderr)
             return 2

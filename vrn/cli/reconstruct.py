@@ -12,8 +12,10 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import VRNError
+from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
 from ..runtime.image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -36,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true",
                    help="also write <stem>_preview.png: the shaded mesh over the photo "
                         "and a side view")
-    p.add_argument("--yunet", metavar="MODEL.onnx",
-                   help="detect faces with this YuNet model (cv2.FaceDetectorYN) "
-                        "instead of the Haar cascades")
+    p.add_argument("--detector-model", metavar="MODEL.onnx",
+                   help="a YuNet face detector model (cv2.FaceDetectorYN) replacing the "
+                        "shipped one")
+    p.add_argument("--yunet", dest="detector_model", help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("--detector-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                   metavar="T", help="least face detection score, 0-1 (default "
+                                     f"{DEFAULT_SCORE_THRESHOLD}; lower finds more faces)")
     return p
 
 
@@ -71,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime.pipeline import Reconstructor
 
     try:
+        detector = create_detector(args.detector_model,
+                                   score_threshold=args.detector_threshold)
         reconstructor = Reconstructor(args.weights, all_faces=args.all_faces,
-                                      yunet_model=args.yunet)
-    except VRNError as exc:
+                                      detector=detector)
+    except (VRNError, ValueError) as exc:
         print(f"vrn-reconstruct: {exc}", file=sys.stderr)
         return 2
     info = reconstructor.model_info

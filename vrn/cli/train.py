@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--architecture", default="VRN",
-                       choices=["VRN", "VRNMultitask", "VRNGuided"])
+                       choices=["VRN", "VRNMultitask", "VRNGuided", "VRNLandmarkGuided"],
+                       help="VRNLandmarkGuided: guided by 68 given landmarks (the default "
+                            "model's); with --init of unguided VRN weights, those start "
+                            "its VRN")
     model.add_argument("--features", type=int, default=256)
     model.add_argument("--stacks", type=int, default=2)
     model.add_argument("--hourglass-depth", type=int, default=4)

@@ -226,3 +226,29 @@ def posed_mean_face(bfm, pose: np.ndarray, image_height: int) -> np.ndarray:
     from ..data.bfm import pose_vertices
 
     return pose_vertices(bfm.vertices(), pose, image_height)
+
+
+def similarity_fit(source: np.ndarray, target: np.ndarray
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+    """Scale ``s``, rotation ``R`` (3, 3) and translation ``t`` (3,) minimising
+    ``|| s R source + t - target ||`` over corresponding rows ``(K, 3)`` (Umeyama; no
+    reflection)."""
+    source = np.asarray(source, np.float64)
+    target = np.asarray(target, np.float64)
+    cs, ct = source.mean(0), target.mean(0)
+    a, b = source - cs, target - ct
+    u, sigma, vt = np.linalg.svd(b.T @ a / len(a))
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    r = u @ d @ vt
+    scale = float(np.trace(np.diag(sigma) @ d) / (a ** 2).sum(1).mean())
+    return scale, r, ct - scale * r @ cs
+
+
+def landmark_posed_mean_face(bfm, landmarks: np.ndarray) -> np.ndarray:
+    """The BFM mean face ``(V, 3)`` in photo pixels, placed by the similarity that best
+    maps its 68 keypoints onto ``landmarks`` ``(68, 3)`` photo pixels ``(x, y, z)`` (a
+    landmark stage's output): the baseline for a system that estimates its own pose."""
+    flip = np.array([1.0, -1.0, 1.0])  # model frame (y up) -> image axes (y down)
+    mean = bfm.vertices() * flip
+    scale, r, t = similarity_fit(mean[bfm.landmarks], landmarks)
+    return scale * mean @ r.T + t

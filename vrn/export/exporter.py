@@ -26,10 +26,10 @@ import torch
 
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import BackendUnavailableError, VRNError
-from ..model import BN_MODES, count_parameters, load_model, set_bn_mode
+from ..model import BN_MODES, GUIDED_ARCHITECTURES, count_parameters, load_model, set_bn_mode
 from ..model.checkpoint import model_info
 from .engine_file import current_gpu, sha256_file, sidecar_path
-from .onnx_export import DEFAULT_OPSET, export_onnx, graph_io
+from .onnx_export import BATCH_DIM, DEFAULT_OPSET, export_onnx, graph_io
 from .parity import (ParityReport, check_parity, format_table, onnxruntime_runner,
                      parity_inputs, torch_runner)
 
@@ -120,7 +120,8 @@ class Exporter:
         if self.verify:
             channels = 3 if info.architecture == "VRNGuided" else model.config.in_channels
             inputs = parity_inputs(channels, model.config.input_size,
-                                   random_count=self.random_inputs)
+                                   random_count=self.random_inputs,
+                                   guided=info.architecture in GUIDED_ARCHITECTURES)
             reference = _cached(torch_runner(model))
         fp32_path = self.outdir / ONNX_NAME
         metadata = {**info.to_metadata(), "max_batch": self.max_batch}
@@ -163,7 +164,8 @@ class Exporter:
         inputs = None
         if self.verify:
             inputs = parity_inputs(meta["channels"], meta["size"],
-                                   random_count=self.random_inputs)
+                                   random_count=self.random_inputs,
+                                   guided=len(meta["inputs"]) == 2)
         trained = meta["metadata"].get("trained", "true") != "false"
         engine_meta = self._engine_steps(onnx_path, inputs, trained=trained)
         report = self._report(start, onnx_path=onnx_path, engine=engine_meta,
@@ -228,8 +230,10 @@ class Exporter:
         from .fp16 import graph_precision
 
         inputs, outputs = graph_io(proto)
-        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0]["shape"]) != 4:
-            raise ExportError(f"{path}: expected one (N, C, S, S) input and one output")
+        if len(inputs) not in (1, 2) or len(outputs) != 1 or len(inputs[0]["shape"]) != 4 \
+                or (len(inputs) == 2 and inputs[1]["shape"][1:] != [68, 2]):
+            raise ExportError(f"{path}: expected an (N, C, S, S) input (and (N, 68, 2) "
+                              "landmarks for a landmark-guided model) and one output")
         shape = inputs[0]["shape"]
         meta = {"metadata": {p.key: p.value for p in proto.metadata_props},
                 "precision": graph_precision(proto), "inputs": inputs, "outputs": outputs,
@@ -427,7 +431,11 @@ class Exporter:
 
 def graph_io_shapes(graph) -> tuple[list[dict], list[dict]]:
     """Inputs and outputs of an :class:`~.onnx_export.OnnxExport` as report entries."""
-    return ([{"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32"}],
+    inputs = [{"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32"}]
+    if graph.landmarks_name:
+        inputs.append({"name": graph.landmarks_name, "shape": [BATCH_DIM, 68, 2],
+                       "dtype": "float32"})
+    return (inputs,
             [{"name": graph.output_name, "shape": graph.output_shape, "dtype": "float32"}])
 
 
@@ -443,10 +451,11 @@ def _cached(runner):
     """Memoise a runner on the bytes of its input (references run once per input)."""
     memo = {}
 
-    def run(image: np.ndarray) -> np.ndarray:
-        key = (image.shape, image.tobytes())
+    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        key = (image.shape, image.tobytes(),
+               None if landmarks is None else landmarks.tobytes())
         if key not in memo:
-            memo[key] = runner(image)
+            memo[key] = runner(image, landmarks)
         return memo[key]
 
     return run

@@ -1,7 +1,8 @@
 """PyTorch model -> fp32 ONNX graph with a dynamic batch, checked op by op.
 
-The graph has one input ``image`` ``(N, 3, S, S)`` float32, RGB in [0, 1], and one
-output ``volume`` ``(N, D, S, S)`` float32 occupancy in [0, 1] (``(D, H, W)`` per image,
+The graph has the input ``image`` ``(N, 3, S, S)`` float32, RGB in [0, 1] (and, for a
+landmark-guided model, ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)``, whose
+heatmaps are rendered inside the graph), and one output ``volume`` ``(N, D, S, S)`` float32 occupancy in [0, 1] (``(D, H, W)`` per image,
 larger ``d`` nearer the camera), with ``1 <= N <= max_batch``. VRN-Multitask and
 VRN-Guided export the same single output: their heatmaps are intermediate tensors the
 runtime does not read, so the landmark head of VRN-Multitask is dropped from the graph.
@@ -30,10 +31,11 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..model import BatchNorm2d, VRNGuided, set_bn_mode
+from ..model import GUIDED_ARCHITECTURES, NUM_LANDMARKS, BatchNorm2d, VRNGuided, set_bn_mode
 from ..model.checkpoint import model_info
 
 INPUT_NAME = "image"
+LANDMARKS_NAME = "landmarks"
 OUTPUT_NAME = "volume"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 20
@@ -43,6 +45,10 @@ MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one self-contained file
 # regression that would cost time on the device.
 EXPECTED_OPS = frozenset({"Conv", "Relu", "Add", "Mul", "MaxPool", "Resize", "Sigmoid",
                           "InstanceNormalization", "Concat", "Shape"})
+# A landmark-guided graph also renders its heatmaps (Slice, Sub, Pow, Exp, Unsqueeze) and
+# smooths its logits along depth (Pad, Unsqueeze, a 3-D Conv, Squeeze).
+GUIDED_OPS = frozenset({"Slice", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad"})
+GUIDED_EXTRA = {"Conv": 1, "Mul": 3}
 
 
 class ChannelAffine(nn.Module):
@@ -72,6 +78,7 @@ class OnnxExport:
     opset: int
     bn_mode: str
     op_counts: dict = field(default_factory=dict)
+    landmarks_name: str | None = None  # the second input of a landmark-guided graph
     folded_batch_norms: int = 0
     affine_batch_norms: int = 0
 
@@ -141,6 +148,25 @@ def export_model(model: nn.Module, bn_mode: str | None = None) -> tuple[nn.Modul
     return prepared, 0, 0
 
 
+def is_guided(model: nn.Module) -> bool:
+    """Whether ``model`` takes landmarks beside the image."""
+    return getattr(model, "architecture", None) in GUIDED_ARCHITECTURES
+
+
+def example_inputs(model: nn.Module, batch: int = 1, *, device="cpu",
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """Random inputs for ``model``: ``(image (N, C, S, S),)`` in [0, 1], plus
+    ``landmarks (N, 68, 2)`` crop pixels for a landmark-guided model (a face-sized
+    cloud about the crop's centre)."""
+    channels, size = input_shape(model)
+    image = torch.rand(batch, channels, size, size, generator=generator).to(device)
+    if not is_guided(model):
+        return (image,)
+    spread = torch.rand(batch, NUM_LANDMARKS, 2, generator=generator) - 0.5
+    landmarks = (size - 1) / 2 + spread * (90.0 * size / 192)
+    return image, landmarks.to(device)
+
+
 def input_shape(model: nn.Module) -> tuple[int, int]:
     """``(channels, size)`` of the image ``model`` takes (3 for every variant: VRN-Guided
     stacks its heatmaps onto the image inside the graph)."""
@@ -161,10 +187,9 @@ def expected_op_counts(prepared: nn.Module) -> dict[str, int]:
     params = {name: torch.empty_like(p, device="meta").requires_grad_(True)
               for name, p in prepared.named_parameters()}
     buffers = {name: torch.empty_like(b, device="meta") for name, b in prepared.named_buffers()}
-    channels, size = input_shape(prepared)
-    image = torch.empty(1, channels, size, size, device="meta")
+    inputs = tuple(torch.empty_like(x, device="meta") for x in example_inputs(prepared))
     with torch.enable_grad():
-        volume = torch.func.functional_call(prepared, {**params, **buffers}, (image,))
+        volume = torch.func.functional_call(prepared, {**params, **buffers}, inputs)
     reached = _parameters_reaching(volume)
     used_names = {name for name, tensor in params.items() if id(tensor) in reached}
 
@@ -172,8 +197,12 @@ def expected_op_counts(prepared: nn.Module) -> dict[str, int]:
         return sum(1 for name, m in prepared.named_modules()
                    if isinstance(m, kind) and (f"{name}.{attr}" if name else attr) in used_names)
 
-    return {"Conv": used(nn.Conv2d), "InstanceNormalization": used(BatchNorm2d),
-            "Mul": used(ChannelAffine, "scale"), "BatchNormalization": 0}
+    counts = {"Conv": used(nn.Conv2d), "InstanceNormalization": used(BatchNorm2d),
+              "Mul": used(ChannelAffine, "scale"), "BatchNormalization": 0}
+    if is_guided(prepared):
+        for op, extra in GUIDED_EXTRA.items():
+            counts[op] += extra
+    return counts
 
 
 def _parameters_reaching(output: torch.Tensor) -> set[int]:
@@ -192,32 +221,36 @@ def _parameters_reaching(output: torch.Tensor) -> set[int]:
 
 
 def check_graph(proto: onnx.ModelProto, *, expected: dict[str, int],
-                channels: int, size: int, out_depth: int) -> dict[str, int]:
+                channels: int, size: int, out_depth: int, guided: bool = False
+                ) -> dict[str, int]:
     """Run ``onnx.checker`` and strict shape inference, and compare op counts and the
-    interface with what the model implies. Returns the op counts; raises ``ValueError``
-    naming the first difference."""
+    interface with what the model implies (``guided``: a second input ``landmarks``).
+    Returns the op counts; raises ``ValueError`` naming the first difference."""
     onnx.checker.check_model(proto, full_check=False)
     inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
                                                  data_prop=True)
     counts = dict(collections.Counter(node.op_type for node in proto.graph.node))
-    unexpected = sorted(set(counts) - EXPECTED_OPS)
+    unexpected = sorted(set(counts) - EXPECTED_OPS - (GUIDED_OPS if guided else frozenset()))
     if unexpected:
         raise ValueError(f"exported graph holds unexpected ops {unexpected}")
     for op, want in expected.items():
         if counts.get(op, 0) != want:
             raise ValueError(f"exported graph holds {counts.get(op, 0)} {op} nodes, "
                              f"the model implies {want}")
-    want_in = [BATCH_DIM, channels, size, size]
-    want_out = [BATCH_DIM, out_depth, size, size]
-    for values, want in ((inferred.graph.input, want_in), (inferred.graph.output, want_out)):
-        if len(values) != 1:
-            raise ValueError(f"exported graph has {len(values)} inputs/outputs, expected 1")
-        value = values[0]
-        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise ValueError(f"graph {value.name!r} is not float32")
-        got = _shape(value)
-        if got != want:
-            raise ValueError(f"graph {value.name!r} has shape {got}, expected {want}")
+    want_in = [[BATCH_DIM, channels, size, size]]
+    if guided:
+        want_in.append([BATCH_DIM, NUM_LANDMARKS, 2])
+    want_out = [[BATCH_DIM, out_depth, size, size]]
+    for values, wants in ((inferred.graph.input, want_in), (inferred.graph.output, want_out)):
+        if len(values) != len(wants):
+            raise ValueError(f"exported graph has {len(values)} inputs/outputs, expected "
+                             f"{len(wants)}")
+        for value, want in zip(values, wants):
+            if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+                raise ValueError(f"graph {value.name!r} is not float32")
+            got = _shape(value)
+            if got != want:
+                raise ValueError(f"graph {value.name!r} has shape {got}, expected {want}")
     return counts
 
 
@@ -257,14 +290,15 @@ def trace_to_onnx(prepared: nn.Module, *, max_batch: int, opset: int) -> onnx.Mo
     the in-memory ``ModelProto`` with a symbolic ``batch`` dimension."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    channels, size = input_shape(prepared)
     # An example batch of 2 keeps torch.export from specialising the batch to 1.
-    example = torch.rand(2, channels, size, size)
+    example = example_inputs(prepared, 2)
+    names = [INPUT_NAME, LANDMARKS_NAME][:len(example)]
     batch = torch.export.Dim(BATCH_DIM, min=1, max=max(max_batch, 2))
     with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(prepared, (example,), dynamo=True, optimize=True,
-                                    dynamic_shapes=({0: batch},), opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        program = torch.onnx.export(prepared, example, dynamo=True, optimize=True,
+                                    dynamic_shapes=tuple({0: batch} for _ in example),
+                                    opset_version=opset,
+                                    input_names=names, output_names=[OUTPUT_NAME],
                                     external_data=False, verbose=False)
     proto = program.model_proto
     _strip_metadata(proto)
@@ -278,7 +312,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, max_batch: int = 4
 
     Parameters
     ----------
-    model : VRN, VRNMultitask or VRNGuided
+    model : VRN, VRNMultitask, VRNGuided or VRNLandmarkGuided
         Any configuration; not modified.
     path : path
         Written atomically; a failed export or check leaves it untouched.
@@ -298,7 +332,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, max_batch: int = 4
     channels, size = input_shape(model)
     expected = expected_op_counts(prepared)
     counts = check_graph(proto, expected=expected, channels=channels, size=size,
-                         out_depth=model.config.out_depth)
+                         out_depth=model.config.out_depth, guided=is_guided(model))
     if metadata:
         props = {p.key: p.value for p in proto.metadata_props}
         props.update({str(k): str(v) for k, v in metadata.items()})
@@ -308,7 +342,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, max_batch: int = 4
                       input_shape=[BATCH_DIM, channels, size, size], output_name=OUTPUT_NAME,
                       output_shape=[BATCH_DIM, model.config.out_depth, size, size],
                       max_batch=max_batch, opset=opset, bn_mode=bn_mode, op_counts=counts,
-                      folded_batch_norms=folded, affine_batch_norms=affine)
+                      folded_batch_norms=folded, affine_batch_norms=affine,
+                      landmarks_name=LANDMARKS_NAME if is_guided(model) else None)
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -38,15 +38,17 @@ OCCUPANCY_LEVEL = 0.5
 FP32_SANE_MAX_ABS = 1e-2
 FP16_SANE_IOU = 0.95
 
-Runner = Callable[[np.ndarray], np.ndarray]
+Runner = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass
 class ParityInput:
-    """One named input batch ``(N, C, S, S)`` float32, RGB in [0, 1]."""
+    """One named input batch: ``image`` ``(N, C, S, S)`` float32, RGB in [0, 1], and for
+    a landmark-guided model ``landmarks`` ``(N, 68, 2)`` float32 crop pixels."""
 
     label: str
     image: np.ndarray
+    landmarks: np.ndarray | None = None
 
 
 @dataclass
@@ -130,23 +132,39 @@ def random_images(count: int, channels: int, size: int, *, seed: int = 0) -> lis
 
 
 def face_images(size: int) -> list[ParityInput]:
-    """The packaged sample photo's face, cropped as the pipeline crops it (Haar
-    detection, :func:`vrn.runtime.crop.face_crops`): ``(1, 3, size, size)`` each."""
-    from ..runtime.crop import face_crops
-    from ..runtime.detect import create_detector
+    """The packaged sample photo's face, cropped as the pipeline crops it (detection,
+    landmarks, the landmark crop: :func:`vrn.runtime.pipeline.face_crops`): image
+    ``(1, 3, size, size)`` and landmarks ``(1, 68, 2)`` each."""
+    from ..runtime.pipeline import face_crops
     from ..runtime.image_io import load_image, sample_image_path
 
-    batch = face_crops(load_image(sample_image_path()), create_detector(), size=size)
-    return [ParityInput(f"face {k}", crop[None]) for k, crop in enumerate(batch)]
+    batch, landmarks = face_crops(load_image(sample_image_path()), size=size)
+    return [ParityInput(f"face {k}", crop[None], lm[None, :, :2])
+            for k, (crop, lm) in enumerate(zip(batch, landmarks))]
+
+
+def random_landmarks(count: int, size: int, *, seed: int = 0) -> np.ndarray:
+    """``(count, 68, 2)`` float32 seeded random crop pixels about the crop's centre,
+    spread over a face-sized square (90 of 192 pixels)."""
+    rng = np.random.default_rng(seed)
+    spread = rng.random((count, 68, 2)) - 0.5
+    return ((size - 1) / 2 + spread * (90.0 * size / 192)).astype(np.float32)
 
 
 def parity_inputs(channels: int, size: int, *, random_count: int = 3, faces: bool = True,
-                  seed: int = 0) -> list[ParityInput]:
+                  seed: int = 0, guided: bool = False) -> list[ParityInput]:
     """The standard parity inputs: ``random_count`` random images, then the face crop(s)
-    (only for 3-channel inputs)."""
+    (only for 3-channel inputs); ``guided``: each with landmarks (random ones for the
+    random images, the landmark stage's for the faces)."""
     inputs = random_images(random_count, channels, size, seed=seed)
+    if guided:
+        for k, item in enumerate(inputs):
+            item.landmarks = random_landmarks(1, size, seed=seed + 1000 + k)
     if faces and channels == 3:
         inputs += face_images(size)
+    if not guided:
+        for item in inputs:
+            item.landmarks = None
     return inputs
 
 
@@ -179,12 +197,15 @@ def check_parity(reference: Runner, candidate: Runner, inputs: list[ParityInput]
     report = ParityReport(name=name, precision=precision, enforced=enforced)
     references = []
     for item in inputs:
-        ref = reference(item.image)
+        ref = reference(item.image, item.landmarks)
         references.append(ref)
-        report.rows.append(compare(ref, candidate(item.image), item.label))
-    batched = [item.image for item in inputs][:max_batch]
+        report.rows.append(compare(ref, candidate(item.image, item.landmarks), item.label))
+    batched = inputs[:max_batch]
     if len(batched) > 1:
-        out = candidate(np.concatenate(batched))
+        landmarks = None
+        if batched[0].landmarks is not None:
+            landmarks = np.concatenate([item.landmarks for item in batched])
+        out = candidate(np.concatenate([item.image for item in batched]), landmarks)
         report.rows.append(compare(np.concatenate(references[:len(batched)]), out,
                                    f"batch of {len(batched)}"))
     return report
@@ -194,9 +215,10 @@ def torch_runner(model) -> Runner:
     """A runner for a PyTorch model on the CPU, fp32, no gradients."""
     import torch
 
-    def run(image: np.ndarray) -> np.ndarray:
+    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        extra = () if landmarks is None else (torch.from_numpy(landmarks),)
         with torch.no_grad():
-            return model(torch.from_numpy(image)).numpy()
+            return model(torch.from_numpy(image), *extra).numpy()
 
     return run
 
@@ -211,10 +233,13 @@ def onnxruntime_runner(path: str | os.PathLike, *, threads: int | None = None) -
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    names = [value.name for value in session.get_inputs()]
 
-    def run(image: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: image})[0]
+    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        feeds = {names[0]: image}
+        if len(names) > 1:
+            feeds[names[1]] = landmarks
+        return session.run(None, feeds)[0]
 
     return run
 

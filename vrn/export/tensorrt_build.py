@@ -273,16 +273,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
 
 def engine_runner(engine):
-    """A parity runner (``(N, C, S, S)`` float32 -> ``(N, D, S, S)`` float32) for an
-    engine with one input and one output, with device buffers from PyTorch (CUDA build)
-    or, failing that, pycuda."""
+    """A parity runner (``(N, C, S, S)`` float32 and, for a landmark-guided engine,
+    ``(N, 68, 2)`` landmarks -> ``(N, D, S, S)`` float32) for an engine with one output,
+    with device buffers from PyTorch (CUDA build) or, failing that, pycuda."""
     trt = import_tensorrt()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise EngineError(f"expected an engine with one input and one output, got "
-                          f"{inputs} and {outputs}")
+    if len(inputs) not in (1, 2) or len(outputs) != 1:
+        raise EngineError(f"expected an engine with one input (two for a landmark-guided "
+                          f"model) and one output, got {inputs} and {outputs}")
     for name in names:
         if engine.get_tensor_dtype(name) != trt.float32:
             raise EngineError(f"engine tensor {name!r} is {engine.get_tensor_dtype(name)}, "
@@ -290,19 +290,22 @@ def engine_runner(engine):
     context = engine.create_execution_context()
     execute = _device_executor()
 
-    def run(image: np.ndarray) -> np.ndarray:
-        image = np.ascontiguousarray(image, dtype=np.float32)
-        if not context.set_input_shape(inputs[0], image.shape):
-            raise EngineError(f"engine rejects input shape {image.shape} (batch outside "
-                              "its optimization profile?)")
+    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        feeds = {inputs[0]: np.ascontiguousarray(image, dtype=np.float32)}
+        if len(inputs) == 2:
+            feeds[inputs[1]] = np.ascontiguousarray(landmarks, dtype=np.float32)
+        for name, array in feeds.items():
+            if not context.set_input_shape(name, array.shape):
+                raise EngineError(f"engine rejects input shape {array.shape} for {name!r} "
+                                  "(batch outside its optimization profile?)")
         out_shape = tuple(int(d) for d in context.get_tensor_shape(outputs[0]))
-        return execute(context, inputs[0], image, outputs[0], out_shape)
+        return execute(context, feeds, outputs[0], out_shape)
 
     return run
 
 
 def _device_executor():
-    """``execute(context, input_name, image, output_name, output_shape) -> ndarray``
+    """``execute(context, feeds {name: ndarray}, output_name, output_shape) -> ndarray``
     using PyTorch's CUDA tensors, or pycuda (primary context) without them."""
     try:
         import torch
@@ -310,10 +313,11 @@ def _device_executor():
     except ImportError:
         cuda_torch = False
     if cuda_torch:
-        def execute(context, input_name, image, output_name, out_shape):
-            device_in = torch.from_numpy(image).cuda()
+        def execute(context, feeds, output_name, out_shape):
+            device_in = {name: torch.from_numpy(array).cuda() for name, array in feeds.items()}
             device_out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-            context.set_tensor_address(input_name, device_in.data_ptr())
+            for name, tensor in device_in.items():
+                context.set_tensor_address(name, tensor.data_ptr())
             context.set_tensor_address(output_name, device_out.data_ptr())
             stream = torch.cuda.current_stream()
             if not context.execute_async_v3(stream.cuda_stream):
@@ -328,12 +332,15 @@ def _device_executor():
         raise BackendUnavailableError("running an engine needs PyTorch with CUDA or pycuda "
                                       "(`pip install 'vrn-edge[gpu]'`)") from None
 
-    def execute(context, input_name, image, output_name, out_shape):
+    def execute(context, feeds, output_name, out_shape):
         out = np.empty(out_shape, dtype=np.float32)
-        device_in, device_out = cuda.mem_alloc(image.nbytes), cuda.mem_alloc(out.nbytes)
+        device_out = cuda.mem_alloc(out.nbytes)
         stream = cuda.Stream()
-        cuda.memcpy_htod(device_in, image)
-        context.set_tensor_address(input_name, int(device_in))
+        device_in = {}
+        for name, array in feeds.items():
+            device_in[name] = cuda.mem_alloc(array.nbytes)
+            cuda.memcpy_htod(device_in[name], array)
+            context.set_tensor_address(name, int(device_in[name]))
         context.set_tensor_address(output_name, int(device_out))
         if not context.execute_async_v3(stream.handle):
             raise EngineError("TensorRT execution failed (see its messages above)")

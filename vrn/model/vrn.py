@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BN_MODES, BatchNorm2d, ConvBNReLU, Level, Residual
+from .heatmaps import DepthSmoothing, LandmarkHeatmaps
 
 NUM_LANDMARKS = 68
 
@@ -220,7 +221,69 @@ class VRNGuided(nn.Module):
         return torch.sigmoid(volume), torch.sigmoid(heatmaps)
 
 
-ARCHITECTURES = {cls.architecture: cls for cls in (VRN, VRNMultitask, VRNGuided)}
+class VRNLandmarkGuided(nn.Module):
+    """VRN guided by 68 landmarks given as an input (the default model's architecture).
+
+    ``forward(image, landmarks)``: ``image`` ``(N, 3, S, S)`` float32 RGB in [0, 1] and
+    ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)`` -> occupancy
+    ``(N, out_depth, S, S)`` in [0, 1], ``(D, H, W)`` per image.
+
+    The 68 Gaussian heatmaps (sigma :attr:`HEATMAP_SIGMA` crop pixels) are rendered inside
+    the graph and stacked with the image at the stem: the stem convolution (7x7, stride 2)
+    sees the image, and a 1x1 convolution sees the heatmaps sampled at its output pixels
+    (crop pixels ``0, 2, 4, ...``), i.e. one convolution over the stacked
+    ``3 + 68`` channels whose heatmap taps are its centre tap; a full 7x7 over 71
+    channels would cost 30 times the stem. The volume logits are smoothed along depth
+    (:class:`~.heatmaps.DepthSmoothing`, sigma :attr:`DEPTH_SIGMA` voxels) at the trunk's
+    resolution, then resized to ``S`` (bilinear, ``align_corners=True``) as in VRN.
+    ``self.vrn`` is a plain :class:`VRN` (``in_channels = 3``), so unguided weights
+    initialise it.
+    """
+
+    architecture = "VRNLandmarkGuided"
+    HEATMAP_SIGMA = 3.0
+    DEPTH_SIGMA = 2.0
+
+    def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
+        super().__init__()
+        config = config or VRNConfig()
+        if config.in_channels != 3:
+            raise ValueError("VRNLandmarkGuided's image input has 3 channels, got "
+                             f"in_channels={config.in_channels}")
+        self.config = config
+        self.vrn = VRN(config)
+        stem_conv = self.vrn.stem[0]
+        self.heatmaps = LandmarkHeatmaps(config.input_size // 2, step=2.0,
+                                         sigma=self.HEATMAP_SIGMA)
+        self.guide = nn.Conv2d(NUM_LANDMARKS, stem_conv.out_channels, 1, bias=False)
+        nn.init.zeros_(self.guide.weight)
+        self.smooth = DepthSmoothing(self.DEPTH_SIGMA)
+        set_bn_mode(self, bn_mode)
+
+    def trunk_logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Smoothed pre-sigmoid volume at the trunk's resolution ``(N, D, S/4, S/4)``."""
+        self.vrn._check_input(image)
+        stem = self.vrn.stem
+        heat = self.heatmaps(landmarks[..., :2]).to(image.dtype)
+        x = stem[0](image) + self.guide(heat)
+        x = stem[1:](x)
+        for stack in self.vrn.stacks:
+            x = x + stack(x)
+        return self.smooth(self.vrn.head(x))
+
+    def logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid output ``(N, out_depth, S, S)``."""
+        size = self.config.input_size
+        return F.interpolate(self.trunk_logits(image, landmarks), size=(size, size),
+                             mode="bilinear", align_corners=True)
+
+    def forward(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(image, landmarks))
+
+
+ARCHITECTURES = {cls.architecture: cls
+                 for cls in (VRN, VRNMultitask, VRNGuided, VRNLandmarkGuided)}
+GUIDED_ARCHITECTURES = ("VRNLandmarkGuided",)
 
 
 def build_model(architecture: str = "VRN", config: VRNConfig | dict | None = None,

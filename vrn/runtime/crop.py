@@ -3,9 +3,10 @@
 The original (MATLAB ``run.m``) scales the photo by ``90 / sqrt(prod(max(P) - min(P)))``
 over the 68 landmarks ``P`` and centres the crop on their mean. With only a detection
 box we estimate both from the box; the constants below were calibrated on the eight
-AFLW2000-3D sample images (OpenCV's frontal Haar box vs the ground-truth 68 landmarks,
-medians): ``sqrt(area of the landmark box) = 0.80 * box width`` (range 0.70-0.92) and
-``landmark mean = box centre + (0, 0.115 * box width)`` (x offset -0.007, ignored).
+AFLW2000-3D sample images (the YuNet box vs the ground-truth 68 landmarks, medians):
+``sqrt(area of the landmark box) = 1.03 * box width`` (range 0.97-1.18) and
+``landmark mean = box centre + (0, 0.125 * box width)`` (range 0.119-0.201; the x offset,
+median -0.029, follows the head's yaw and is ignored).
 
 Matrices are 2x3 float64 ``[A | t]`` acting on column vectors ``(x, y, 1)`` with
 pixel centres at integer coordinates, as ``cv2.warpAffine`` takes them.
@@ -20,8 +21,8 @@ from .detect import FaceBox
 
 CROP_SIZE = 192
 LANDMARK_EXTENT = 90.0
-BOX_TO_LANDMARK_SIZE = 0.80
-BOX_TO_LANDMARK_DY = 0.115
+BOX_TO_LANDMARK_SIZE = 1.03
+BOX_TO_LANDMARK_DY = 0.125
 
 
 def crop_matrix(center: tuple[float, float], landmark_size: float,

@@ -1,6 +1,8 @@
 """The per-frame pipeline, as a plain sequence of named, timed stages:
 
-``detect`` faces -> ``crop`` each to 192x192 -> ``infer`` the volumes (one batch) ->
+``detect`` faces (YuNet) -> ``landmarks`` (68 per face, :mod:`vrn.runtime.landmarks`) ->
+``crop`` each to 192x192 with the original landmark rule -> ``infer`` the volumes (one
+batch; a landmark-guided model also takes the landmarks in crop pixels) ->
 ``isosurface`` (marching cubes at 0.5) -> ``colour`` (vertex colours from the crop, and
 vertices mapped from crop voxels back to photo pixels).
 
@@ -21,13 +23,15 @@ import numpy as np
 
 from ..errors import NoFaceError
 from ..kernels import marching_cubes_batch, to_host, transform_vertices, vertex_colors
-from .crop import box_crop_matrix, invert_affine, to_network_input, warp_crop
+from .crop import (CROP_SIZE, invert_affine, landmarks_crop_matrix, to_network_input,
+                   warp_crop)
 from .detect import FaceBox, create_detector
 from .image_io import as_rgb_uint8
+from .landmarks import LandmarkStage
 from .mesh import FaceMesh
 from .timing import StageTimer
 
-STAGES = ("detect", "crop", "infer", "isosurface", "colour")
+STAGES = ("detect", "landmarks", "crop", "infer", "isosurface", "colour")
 
 
 @dataclass
@@ -38,13 +42,16 @@ class FaceResult:
     z toward the camera, in photo pixels), faces ``(F, 3)`` int32, colours ``(V, 3)``
     uint8 RGB; empty when the volume has no surface at the level. ``box``: the detection.
     ``photo_to_crop``: the 2x3 affine from photo pixels to crop pixels. ``crop``: the
-    ``(S, S, 3)`` uint8 RGB crop the network saw.
+    ``(S, S, 3)`` uint8 RGB crop the network saw. ``landmarks``: ``(68, 3)`` float32
+    photo pixels ``(x, y, z)`` from the landmark stage (z toward the camera, origin
+    arbitrary).
     """
 
     box: FaceBox
     mesh: FaceMesh
     photo_to_crop: np.ndarray
     crop: np.ndarray
+    landmarks: np.ndarray | None = None
 
 
 @dataclass
@@ -75,10 +82,14 @@ class Reconstructor:
         Reconstruct every detected face (as one batch); otherwise only the largest.
     level : float
         Isosurface level of the occupancy volume.
-    yunet_model : path, optional
-        A YuNet ``.onnx`` file; the detector is then ``cv2.FaceDetectorYN``.
+    detector_model : path, optional
+        A YuNet ``.onnx`` file replacing the shipped one (see
+        :func:`~vrn.runtime.detect.create_detector`).
     detector : callable, optional
         ``detector(image) -> list[FaceBox]``, replacing the default.
+    landmark_stage : LandmarkStage, optional
+        The 68-landmark stage (default: :class:`~vrn.runtime.landmarks.LandmarkStage` on
+        ONNX Runtime where the VRN backend is onnxruntime or auto on the CPU, else torch).
     **backend_options
         Passed to :func:`~vrn.runtime.backends.create_backend` (``cuda_graphs``,
         ``provider``, ``cache_dir``).
@@ -87,8 +98,8 @@ class Reconstructor:
     def __init__(self, weights_or_engine: str | os.PathLike | None = None, *,
                  backend="torch", device: str | None = None, precision: str | None = None,
                  all_faces: bool = False, level: float = 0.5,
-                 yunet_model: str | os.PathLike | None = None, detector=None,
-                 **backend_options):
+                 detector_model: str | os.PathLike | None = None, detector=None,
+                 landmark_stage: LandmarkStage | None = None, **backend_options):
         if isinstance(backend, str):
             from .backends import create_backend
 
@@ -96,16 +107,21 @@ class Reconstructor:
                                      precision=precision, **backend_options)
         self.backend = backend
         self.model_info = getattr(backend, "model_info", None)
-        self.detector = detector or create_detector(yunet_model)
+        self.detector = detector or create_detector(detector_model)
+        if landmark_stage is None:
+            on_ort = getattr(backend, "name", "") == "onnxruntime"
+            landmark_stage = LandmarkStage("onnxruntime" if on_ort else "torch")
+        self.landmark_stage = landmark_stage
         self.all_faces = all_faces
         self.level = level
         self.z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
         self.on_gpu = getattr(backend, "device", "cpu") == "cuda"
 
-    def __call__(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None
-                 ) -> FrameResult:
+    def __call__(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None,
+                 landmarks: np.ndarray | None = None) -> FrameResult:
         """Reconstruct the faces in ``image`` ``(H, W, 3)`` uint8 RGB (grayscale, RGBA
-        and 16-bit arrays are converted). ``boxes`` skips detection (e.g. from a tracker).
+        and 16-bit arrays are converted). ``boxes`` skips detection (e.g. from a tracker);
+        ``landmarks`` ``(N, 68, 2+)`` photo pixels, one per box, skips the landmark stage.
         A frame without faces gives a result with no faces."""
         timer = StageTimer()
         sync = _synchronize_device if self.on_gpu else None
@@ -117,23 +133,28 @@ class Reconstructor:
                 boxes = boxes[:1]
         if not boxes:
             return FrameResult([], timer.ms)
-        size = self.backend.input_size
+        with timer("landmarks"):
+            if landmarks is None:
+                landmarks = self.landmark_stage(image, boxes)
+            landmarks = np.asarray(landmarks, np.float32)
+            if len(landmarks) != len(boxes):
+                raise ValueError(f"got {len(landmarks)} landmark sets for {len(boxes)} faces")
         with timer("crop", sync):
-            matrices = [box_crop_matrix(box, size) for box in boxes]
-            crops = np.stack([warp_crop(image, m, size) for m in matrices])
+            matrices, crops, crop_landmarks = landmark_crops(image, landmarks,
+                                                             self.backend.input_size)
             batch = to_network_input(crops)
             if self.on_gpu:
                 batch = _upload(batch, self.backend)
         with timer("infer", sync):
-            volumes = self.backend.infer(batch)
+            volumes = self.backend.infer(batch, crop_landmarks)
         with timer("isosurface", sync):
             isosurfaces = marching_cubes_batch(volumes, level=self.level)
         meshes = []
         for i, (matrix, (vertices, faces)) in enumerate(zip(matrices, isosurfaces)):
             with timer("colour", sync):
                 meshes.append(self._finish_mesh(batch[i], vertices, faces, matrix))
-        faces = [FaceResult(box, mesh, matrix, crop)
-                 for box, mesh, matrix, crop in zip(boxes, meshes, matrices, crops)]
+        faces = [FaceResult(box, mesh, matrix, crop, lm) for box, mesh, matrix, crop, lm
+                 in zip(boxes, meshes, matrices, crops, landmarks)]
         return FrameResult(faces, timer.ms)
 
     def _finish_mesh(self, crop, vertices, faces, photo_to_crop) -> FaceMesh:
@@ -155,6 +176,43 @@ class Reconstructor:
         size = self.backend.input_size
         blank = np.zeros((size * 2, size * 2, 3), np.uint8)
         self(blank, boxes=[FaceBox(size / 2, size / 2, size, size)])
+
+
+def landmark_crops(image: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE
+                   ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The original crop of each face from its landmarks.
+
+    ``image`` ``(H, W, 3)`` uint8 RGB, ``landmarks`` ``(N, 68, 2+)`` photo pixels ->
+    ``(photo_to_crop matrices (2, 3) float64 per face, crops (N, size, size, 3) uint8,
+    landmarks in crop pixels (N, 68, 2) float32)``.
+    """
+    landmarks = np.asarray(landmarks, np.float64)
+    if landmarks.ndim != 3 or landmarks.shape[1:2] != (68,) or landmarks.shape[2] < 2:
+        raise ValueError(f"landmarks must be (N, 68, 2), got {landmarks.shape}")
+    if not np.isfinite(landmarks[..., :2]).all():
+        raise ValueError("landmarks must be finite")
+    matrices = [landmarks_crop_matrix(lm, size) for lm in landmarks]
+    crops = np.stack([warp_crop(image, m, size) for m in matrices]) if matrices else \
+        np.zeros((0, size, size, 3), np.uint8)
+    in_crop = np.stack([lm[:, :2] @ m[:, :2].T + m[:, 2] for lm, m in zip(landmarks, matrices)]
+                       ) if matrices else np.zeros((0, 68, 2))
+    return matrices, crops, in_crop.astype(np.float32)
+
+
+def face_crops(image: np.ndarray, *, detector=None, landmark_stage: LandmarkStage | None = None,
+               size: int = CROP_SIZE, max_faces: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs for the faces in ``image`` ``(H, W, 3)`` uint8 RGB (largest
+    first), made as the pipeline makes them: ``(crops (N, 3, size, size) float32 in
+    [0, 1], landmarks (N, 68, 2) float32 crop pixels)``. ``detector`` and
+    ``landmark_stage`` default to the pipeline's."""
+    detector = detector or create_detector()
+    boxes = detector(image)[:max_faces]
+    if not boxes:
+        return (np.zeros((0, 3, size, size), np.float32), np.zeros((0, 68, 2), np.float32))
+    landmarks = (landmark_stage or LandmarkStage())(image, boxes)
+    _, crops, crop_landmarks = landmark_crops(image, landmarks, size)
+    return to_network_input(crops), crop_landmarks
 
 
 def _synchronize_device() -> None:

@@ -38,8 +38,8 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..data.voxelize import FRONT_MARGIN
-from ..model import (ModelInfo, VRNConfig, build_model, load_checkpoint, load_model,
-                     save_checkpoint)
+from ..model import (GUIDED_ARCHITECTURES, ModelInfo, VRNConfig, build_model, load_checkpoint,
+                     load_model, save_checkpoint)
 from ..model.vrn import NUM_LANDMARKS
 
 CHECKPOINT = "last.safetensors"
@@ -56,6 +56,34 @@ class Augmentation:
     scale: tuple[float, float] = (0.85, 1.15)
     flip: float = 0.2
     color: tuple[float, float] = (0.6, 1.4)
+
+
+@dataclass
+class GuidanceNoise:
+    """How far the guiding landmarks of a landmark-guided model are moved from the truth
+    in training, in crop pixels, to look like the run-time landmark stage's: a shift
+    shared by all 68 points (standard deviation ``shared`` per axis), an independent
+    offset per point (``point``), a scale about their centre (``scale``, relative), and
+    in a fraction ``outlier`` of samples all of it doubled."""
+
+    shared: float = 1.5
+    point: float = 1.8
+    scale: float = 0.03
+    outlier: float = 0.1
+
+    def apply(self, landmarks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``landmarks`` ``(N, 68, 2)`` -> a noisy copy."""
+        n = landmarks.shape[0]
+
+        def normal(*shape):
+            return torch.randn(*shape, generator=generator)
+
+        gain = 1.0 + (torch.rand(n, 1, 1, generator=generator) < self.outlier).float()
+        centre = landmarks.mean(dim=1, keepdim=True)
+        scale = 1.0 + self.scale * gain * normal(n, 1, 1)
+        noisy = centre + (landmarks - centre) * scale
+        noisy = noisy + gain * (self.shared * normal(n, 1, 2) + self.point * normal(n, 68, 2))
+        return noisy
 
 
 @dataclass
@@ -84,6 +112,7 @@ class TrainConfig:
     provenance: str = ""
     init_weights: str | None = None
     device: str | None = None
+    guidance_noise: GuidanceNoise = field(default_factory=GuidanceNoise)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,12 +232,19 @@ def _trunk_logits(vrn: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=True)
 
 
-def model_logits(model: nn.Module, x: torch.Tensor, size: int
+def model_logits(model: nn.Module, x: torch.Tensor, size: int,
+                 landmarks: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(volume logits (N, D, size, size), heatmap logits (N, 68, size, size) or None)``."""
+    """``(volume logits (N, D, size, size), heatmap logits (N, 68, size, size) or None)``;
+    ``landmarks`` ``(N, 68, 2)`` crop pixels guide a landmark-guided model."""
     arch = model.architecture
     if arch == "VRN":
         return _trunk_logits(model, x, size), None
+    if arch in GUIDED_ARCHITECTURES:
+        if landmarks is None or not torch.isfinite(landmarks).all():
+            raise ValueError(f"{arch} trains on samples with landmarks")
+        return F.interpolate(model.trunk_logits(x, landmarks), size=(size, size),
+                             mode="bilinear", align_corners=True), None
     if arch == "VRNMultitask":
         model._check_input(x)
         h = model.stem(x)
@@ -241,6 +277,14 @@ def _init_prior_bias(model: nn.Module, dataset: TrainingSet, config: TrainConfig
     p = occupancy.clamp(1e-4, 1 - 1e-4)
     with torch.no_grad():
         model.head[-1].bias.copy_(torch.log(p / (1 - p)))
+
+
+def _guided_from_unguided(unguided: nn.Module, config: TrainConfig) -> nn.Module:
+    """A landmark-guided model whose VRN starts as ``unguided``'s (the guide starts at
+    zero, so the first step reproduces the unguided model)."""
+    model = build_model(config.architecture, unguided.config, bn_mode=config.bn_mode)
+    model.vrn.load_state_dict(unguided.state_dict())
+    return model
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -287,6 +331,8 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     elif config.init_weights:
         resume = False
         model = load_model(config.init_weights, bn_mode=config.bn_mode)
+        if config.architecture in GUIDED_ARCHITECTURES and model.architecture == "VRN":
+            model = _guided_from_unguided(model, config)
     else:
         resume = False
         model = build_model(config.architecture, config.model, bn_mode=config.bn_mode)
@@ -305,9 +351,11 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed)
-    if not resume and not config.init_weights and hasattr(model, "head"):
-        _init_prior_bias(model, dataset, config, cfg)
+    volume_net = getattr(model, "vrn", model)
+    if not resume and not config.init_weights and hasattr(volume_net, "head"):
+        _init_prior_bias(volume_net, dataset, config, cfg)
 
+    noise_generator = torch.Generator().manual_seed(config.seed + 7919 * state["step"] + rank)
     log_path = out_dir / LOG
     start = time.perf_counter()
     recent: list[float] = []
@@ -358,7 +406,11 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
                 t0 = time.perf_counter()
                 images = images.to(device, non_blocking=True)
                 targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
-                volume, heat = model_logits(net.module if world > 1 else net, images, loss_size)
+                guide = None
+                if model.architecture in GUIDED_ARCHITECTURES:
+                    guide = config.guidance_noise.apply(landmarks, noise_generator).to(device)
+                volume, heat = model_logits(net.module if world > 1 else net, images, loss_size,
+                                            guide)
                 volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
                 loss = volume_loss
                 landmark_loss = torch.zeros(())

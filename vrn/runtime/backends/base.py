@@ -10,8 +10,10 @@ import numpy as np
 class Backend(Protocol):
     """Runs the network on a batch of crops.
 
-    ``infer(batch, *, on_device=None)``: ``batch`` ``(N, 3, S, S)`` float32 RGB in
-    [0, 1] -> occupancy ``(N, D, S, S)`` float32 in [0, 1], ``(D, H, W)`` per image. A
+    ``infer(batch, landmarks=None, *, on_device=None)``: ``batch`` ``(N, 3, S, S)``
+    float32 RGB in [0, 1] and, for a landmark-guided model (``guided`` is true),
+    ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)`` (ignored by other models)
+    -> occupancy ``(N, D, S, S)`` float32 in [0, 1], ``(D, H, W)`` per image. A
     NumPy batch gives a NumPy volume; GPU backends also take CUDA arrays (torch tensors)
     and, with ``on_device=True`` (the default for a CUDA input), return the volume as a
     CUDA array so it never leaves the device. ``synchronize()`` waits for queued device
@@ -25,13 +27,33 @@ class Backend(Protocol):
     precision: str     # "fp32", "fp16", ...
     input_size: int    # S
     out_depth: int     # D
+    guided: bool       # takes landmarks
     model_info: object
     selection_reason: str
 
-    def infer(self, batch, *, on_device: bool | None = None) -> np.ndarray: ...
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None
+              ) -> np.ndarray: ...
 
     def synchronize(self) -> None: ...
 
     def describe(self) -> str:
         """One line: backend, device, precision and anything the user should know."""
         ...
+
+
+def checked_landmarks(landmarks, batch_size: int) -> np.ndarray:
+    """``landmarks`` as a C-contiguous ``(N, 68, 2)`` float32 array (a ``(N, 68, 3)``
+    array loses its z), checked to match the batch and to be finite."""
+    if landmarks is None:
+        raise ValueError("this model is landmark-guided: infer() needs landmarks "
+                         "(N, 68, 2) crop pixels")
+    if hasattr(landmarks, "detach"):
+        landmarks = landmarks.detach().cpu().numpy()
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    if landmarks.ndim != 3 or landmarks.shape[1] != 68 or landmarks.shape[2] not in (2, 3) \
+            or landmarks.shape[0] != batch_size:
+        raise ValueError(f"landmarks must be ({batch_size}, 68, 2), got {landmarks.shape}")
+    landmarks = np.ascontiguousarray(landmarks[..., :2])
+    if not np.isfinite(landmarks).all():
+        raise ValueError("landmarks must be finite")
+    return landmarks

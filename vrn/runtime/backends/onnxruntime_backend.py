@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BackendUnavailableError, VRNError
+from .base import checked_landmarks
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
@@ -64,8 +65,9 @@ def physical_cores() -> int:
 
 
 class OnnxRuntimeBackend:
-    """An ``onnxruntime.InferenceSession`` over a VRN graph (one input ``(N, 3, S, S)``,
-    one output ``(N, D, S, S)``, as :mod:`vrn.export.onnx_export` writes them).
+    """An ``onnxruntime.InferenceSession`` over a VRN graph (input ``(N, 3, S, S)``, and
+    ``(N, 68, 2)`` landmarks for a landmark-guided model; one output ``(N, D, S, S)``; as
+    :mod:`vrn.export.onnx_export` writes them).
 
     Parameters
     ----------
@@ -125,10 +127,16 @@ class OnnxRuntimeBackend:
                 f"{self.providers} (onnxruntime falls back silently; check the CUDA/"
                 "TensorRT libraries)")
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise VRNError(f"{path}: expected a graph with one input and one output, got "
-                           f"{len(inputs)} and {len(outputs)}")
+        if len(inputs) not in (1, 2) or len(outputs) != 1:
+            raise VRNError(f"{path}: expected a graph with one input (two for a landmark-"
+                           f"guided model) and one output, got {len(inputs)} and "
+                           f"{len(outputs)}")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.guided = len(inputs) == 2
+        self.landmarks_name = inputs[1].name if self.guided else None
+        if self.guided and (len(inputs[1].shape) != 3 or tuple(inputs[1].shape[1:]) != (68, 2)):
+            raise VRNError(f"{path}: graph input {self.landmarks_name!r} has shape "
+                           f"{inputs[1].shape}, expected (N, 68, 2)")
         in_shape, out_shape = inputs[0].shape, outputs[0].shape
         if len(in_shape) != 4 or in_shape[1] != 3 or not isinstance(in_shape[2], int):
             raise VRNError(f"{path}: graph input {self.input_name!r} has shape {in_shape}, "
@@ -162,22 +170,28 @@ class OnnxRuntimeBackend:
                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
             if graph.dynamic_batch:
                 shape = f"x3x{graph.input_size}x{graph.input_size}"
-                trt.update(trt_profile_min_shapes=f"{graph.input_name}:1{shape}",
-                           trt_profile_opt_shapes=f"{graph.input_name}:1{shape}",
-                           trt_profile_max_shapes=f"{graph.input_name}:{EXPORT_MAX_BATCH}{shape}")
+                profiles = {}
+                for batch, key in ((1, "min"), (1, "opt"), (EXPORT_MAX_BATCH, "max")):
+                    dims = [f"{graph.input_name}:{batch}{shape}"]
+                    if graph.landmarks_name:
+                        dims.append(f"{graph.landmarks_name}:{batch}x68x2")
+                    profiles[f"trt_profile_{key}_shapes"] = ",".join(dims)
+                trt.update(profiles)
             if self._stream is not None:
                 trt.update(has_user_compute_stream="1",
                            user_compute_stream=str(self._stream.cuda_stream))
             providers.insert(0, ("TensorrtExecutionProvider", trt))
         return providers
 
-    def infer(self, batch, *, on_device: bool | None = None):
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None):
         """Occupancy volumes of a batch of crops.
 
         Parameters
         ----------
         batch : (N, 3, S, S) float32 ndarray, or a CUDA array on a GPU provider
             RGB in [0, 1].
+        landmarks : (N, 68, 2) float32 array, optional
+            Crop pixels ``(x, y)``; required by a landmark-guided graph, else ignored.
         on_device : bool, optional
             GPU providers: return a CUDA array (a torch tensor when torch has CUDA, else
             a numba device array) or a NumPy array. Default: the same kind as ``batch``.
@@ -192,20 +206,26 @@ class OnnxRuntimeBackend:
         if len(shape) != 4 or shape[1:] != (3, self.input_size, self.input_size):
             raise ValueError(f"batch must be (N, 3, {self.input_size}, {self.input_size}), "
                              f"got {shape}")
+        landmarks = checked_landmarks(landmarks, shape[0]) if self.guided else None
         if self.device == "cpu":
             if not as_numpy:
                 batch = batch.detach().cpu().numpy()
-            x = np.ascontiguousarray(batch, dtype=np.float32)
-            return self.session.run([self.output_name], {self.input_name: x})[0]
+            feeds = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+            if self.guided:
+                feeds[self.landmarks_name] = landmarks
+            return self.session.run([self.output_name], feeds)[0]
         if on_device is None:
             on_device = not as_numpy
-        return self._infer_bound(batch, on_device)
+        return self._infer_bound(batch, landmarks, on_device)
 
-    def _infer_bound(self, batch, on_device: bool):
+    def _infer_bound(self, batch, landmarks, on_device: bool):
         """GPU providers: IO binding on CUDA memory, torch tensors as the buffers when
         torch has CUDA, else numba-cuda device arrays."""
         binding = self.session.io_binding()
         torch = _torch_cuda()
+        if landmarks is not None:
+            # Host memory: ORT copies these 544 bytes per image itself.
+            binding.bind_cpu_input(self.landmarks_name, landmarks)
         if torch is None:
             return self._infer_bound_numba(binding, batch, on_device)
         device = torch.device("cuda", self.device_id)
@@ -345,6 +365,7 @@ class _GraphFacts:
         value = proto.graph.input[0]
         dims = value.type.tensor_type.shape.dim
         self.input_name = value.name
+        self.landmarks_name = proto.graph.input[1].name if len(proto.graph.input) > 1 else None
         self.input_size = dims[2].dim_value if len(dims) == 4 else 0
         self.dynamic_batch = len(dims) == 4 and bool(dims[0].dim_param)
         self.fp16 = any(t.data_type == onnx.TensorProto.FLOAT16

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BackendUnavailableError, EngineError
+from .base import checked_landmarks
 
 
 class TensorRTBackend:
@@ -71,10 +72,18 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EngineError(f"{self.path}: expected one input and one output tensor, got "
-                              f"{inputs} and {outputs}")
+        if len(inputs) not in (1, 2) or len(outputs) != 1:
+            raise EngineError(f"{self.path}: expected one input (two for a landmark-guided "
+                              f"model) and one output tensor, got {inputs} and {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
+        self.guided = len(inputs) == 2
+        self.landmarks_name = inputs[1] if self.guided else None
+        if self.guided:
+            lm_shape = tuple(self.engine.get_tensor_shape(self.landmarks_name))
+            if len(lm_shape) != 3 or lm_shape[1:] != (68, 2) or \
+                    self.engine.get_tensor_dtype(self.landmarks_name) != trt.DataType.FLOAT:
+                raise EngineError(f"{self.path}: input {self.landmarks_name!r} is not "
+                                  f"(N, 68, 2) float32 (shape {lm_shape})")
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))
         if len(in_shape) != 4 or in_shape[1] != 3 or len(out_shape) != 4:
@@ -147,13 +156,15 @@ class TensorRTBackend:
 
     # ---------------------------------------------------------------------- inference
 
-    def infer(self, batch, *, on_device: bool | None = None):
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None):
         """Occupancy volumes of a batch of crops.
 
         Parameters
         ----------
         batch : (N, 3, S, S) float32 ndarray, torch CUDA tensor or numba device array
             RGB in [0, 1]. Batches larger than the engine's profile run in chunks.
+        landmarks : (N, 68, 2) float32 array, optional
+            Crop pixels ``(x, y)``; required by a landmark-guided engine, else ignored.
         on_device : bool, optional
             Return a CUDA array (torch tensor, or numba device array without torch), or
             a NumPy array. Default: the kind of ``batch``. A CUDA result is ordered
@@ -173,7 +184,10 @@ class TensorRTBackend:
                              f"got {shape}")
         n = shape[0]
         x = self._upload(batch)
-        chunks = [self._run(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)]
+        guide = self._upload(checked_landmarks(landmarks, n)) if self.guided else None
+        chunks = [self._run(x[i:i + self.max_batch],
+                            None if guide is None else guide[i:i + self.max_batch])
+                  for i in range(0, n, self.max_batch)]
         y = chunks[0] if len(chunks) == 1 else self._concat(chunks)
         if on_device:
             return self._hand_over(y)
@@ -201,36 +215,43 @@ class TensorRTBackend:
         done.wait(0)
         return y
 
-    def _run(self, x):
+    def _run(self, x, guide=None):
         n = int(x.shape[0])
         if n < self.min_batch:
             raise ValueError(f"{self.path}: engine needs batches of at least {self.min_batch}")
         if self.cuda_graphs:
-            return self._replay(x)
+            return self._replay(x, guide)
         y = self._empty((n, self.out_depth, self.input_size, self.input_size), self._out_dtype)
-        self._execute(x, y)
+        self._execute(x, y, guide)
         return self._as_float32(y)
 
-    def _execute(self, x, y) -> None:
+    def _execute(self, x, y, guide=None) -> None:
         n = int(x.shape[0])
         if not self.context.set_input_shape(self.input_name, (n, 3, self.input_size,
                                                                self.input_size)):
             raise EngineError(f"{self.path}: batch {n} is outside the engine's profile "
                               f"[{self.min_batch}, {self.max_batch}]")
+        if self.guided:
+            if not self.context.set_input_shape(self.landmarks_name, (n, 68, 2)):
+                raise EngineError(f"{self.path}: landmarks batch {n} is outside the "
+                                  "engine's profile")
+            self.context.set_tensor_address(self.landmarks_name, _pointer(guide))
         self.context.set_tensor_address(self.input_name, _pointer(x))
         self.context.set_tensor_address(self.output_name, _pointer(y))
         if not self.context.execute_async_v3(self.stream_handle):
             raise EngineError(f"{self.path}: execute_async_v3 failed (see TensorRT's log)")
 
-    def _replay(self, x):
+    def _replay(self, x, guide=None):
         """CUDA-graph path: static buffers per batch size, a copy of the output out."""
         torch = self._torch
         n = int(x.shape[0])
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
-        graph, static_in, static_out = self._graphs[n]
+        graph, static_in, static_guide, static_out = self._graphs[n]
         with torch.cuda.stream(self.stream):
             static_in.copy_(x, non_blocking=True)
+            if static_guide is not None:
+                static_guide.copy_(guide, non_blocking=True)
             graph.replay()
             return self._as_float32(static_out).clone()
 
@@ -238,19 +259,22 @@ class TensorRTBackend:
         torch = self._torch
         s = self.input_size
         static_in = self._empty((n, 3, s, s), np.float32)
+        static_guide = self._empty((n, 68, 2), np.float32) if self.guided else None
         static_out = self._empty((n, self.out_depth, s, s), self._out_dtype)
         with torch.cuda.stream(self.stream):
             static_in.zero_()
+            if static_guide is not None:
+                static_guide.fill_(s / 2)
         # One plain run first: TensorRT applies deferred shape/address updates there,
         # which must not happen inside the capture.
-        self._execute(static_in, static_out)
+        self._execute(static_in, static_out, static_guide)
         self.stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
             if not self.context.execute_async_v3(self.stream_handle):
                 raise EngineError(f"{self.path}: execute_async_v3 failed during CUDA-graph "
                                   "capture")
-        return graph, static_in, static_out
+        return graph, static_in, static_guide, static_out
 
     def _as_float32(self, y):
         if self._out_dtype == np.float32:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ...errors import BackendUnavailableError
+from ...model import GUIDED_ARCHITECTURES
+from .base import checked_landmarks
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _GRAPH_WARMUP_RUNS = 3
@@ -57,6 +59,7 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self.input_size = model.config.input_size
         self.out_depth = model.config.out_depth
+        self.guided = getattr(model, "architecture", None) in GUIDED_ARCHITECTURES
         self._torch_device = torch_device
         model = model.eval().to(torch_device)
         if self.device == "cuda":
@@ -65,13 +68,15 @@ class TorchBackend:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
-    def infer(self, batch, *, on_device: bool | None = None):
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None):
         """Occupancy volumes of a batch of crops.
 
         Parameters
         ----------
         batch : (N, 3, S, S) float32 ndarray or torch.Tensor
             RGB in [0, 1].
+        landmarks : (N, 68, 2) float32 array, optional
+            Crop pixels ``(x, y)``; required by a landmark-guided model, else ignored.
         on_device : bool, optional
             Return a torch tensor on this backend's device (``True``) or a NumPy array
             (``False``). Default: the same kind as ``batch``.
@@ -88,29 +93,37 @@ class TorchBackend:
             raise ValueError(f"batch must be (N, 3, {self.input_size}, {self.input_size}), "
                              f"got {tuple(x.shape)}")
         x = x.to(self._torch_device, non_blocking=True)
+        guide = None
+        if self.guided:
+            guide = torch.from_numpy(checked_landmarks(landmarks, x.shape[0]))
+            guide = guide.to(self._torch_device, non_blocking=True)
         if self.cuda_graphs:
-            y = self._replay(x)
+            y = self._replay(x, guide)
         else:
-            y = self._forward(x)
+            y = self._forward(x, guide)
         return y if on_device else y.cpu().numpy()
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        # Landmarks stay float32 (the model renders its heatmaps in float32).
+        inputs = (guide,) if guide is not None else ()
         if self.device == "cuda":
             x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-            return self.model(x).float()
+            return self.model(x, *inputs).float()
         if self.dtype != torch.float32:
             with torch.autocast("cpu", dtype=self.dtype):
-                return self.model(x).float()
-        return self.model(x.float())
+                return self.model(x, *inputs).float()
+        return self.model(x.float(), *inputs)
 
-    def _replay(self, x: torch.Tensor) -> torch.Tensor:
-        """Copy ``x`` into the captured graph's input, replay, return a copy of the
-        output (the static output is overwritten by the next replay)."""
+    def _replay(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy ``x`` (and ``guide``) into the captured graph's inputs, replay, return a
+        copy of the output (the static output is overwritten by the next replay)."""
         n = x.shape[0]
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
-        graph, static_in, static_out = self._graphs[n]
+        graph, static_in, static_guide, static_out = self._graphs[n]
         static_in.copy_(x)
+        if static_guide is not None:
+            static_guide.copy_(guide)
         graph.replay()
         return static_out.clone()
 
@@ -118,16 +131,19 @@ class TorchBackend:
         s = self.input_size
         static_in = torch.zeros((n, 3, s, s), device=self._torch_device,
                                 dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        static_guide = None
+        if self.guided:
+            static_guide = torch.full((n, 68, 2), s / 2, device=self._torch_device)
         side = torch.cuda.Stream(self._torch_device)
         side.wait_stream(torch.cuda.current_stream(self._torch_device))
         with torch.cuda.stream(side):  # warm-up (cuDNN autotuning) outside the capture
             for _ in range(_GRAPH_WARMUP_RUNS):
-                self._forward(static_in)
+                self._forward(static_in, static_guide)
         torch.cuda.current_stream(self._torch_device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._forward(static_in)
-        return graph, static_in, static_out
+            static_out = self._forward(static_in, static_guide)
+        return graph, static_in, static_guide, static_out
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""
@@ -141,3 +157,4 @@ class TorchBackend:
         graphs = ", CUDA graphs" if self.cuda_graphs else ""
         return (f"torch {torch.__version__} ({torch.cuda.get_device_name(self._torch_device)}, "
                 f"{self.precision}, channels-last{graphs})")
+
