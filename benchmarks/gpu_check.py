@@ -2,8 +2,12 @@
 
 Each check is a function in :data:`CHECKS` that takes the shared :class:`Context` and
 returns a dict with ``status`` (``"pass"``, ``"fail"`` or ``"skip"``), a one-line
-``detail`` and any measured numbers. The script prints a table and writes everything as
-JSON to ``benchmarks/results/gpu_check-<date>-<gpu>.json``.
+``detail`` and any measured numbers. Checks without what they need (CUDA, TensorRT,
+onnxruntime-gpu) skip; ``cpu_reference`` (the shared face crops, their landmarks and the
+CPU fp32 reference volumes) and ``live_headless`` run anywhere. Every network call gets
+the crops' landmarks, which a landmark-guided model needs and others ignore. The script
+prints a table and writes everything as JSON to
+``benchmarks/results/gpu_check-<date>-<gpu>.json``.
 
 Options: ``--only NAME`` (repeatable) runs a subset; ``--weights PATH`` uses those
 weights instead of the package default; ``--out DIR`` changes the results folder.
@@ -45,22 +49,32 @@ class Context:
         return load_model(self.weights)
 
     def crops(self) -> np.ndarray:
-        """``(N, 3, S, S)`` float32 face crops of the sample photo (the detected face and
-        a wider and a shifted crop around it)."""
+        """``(N, 3, S, S)`` float32 face crops of the sample photo, made as the pipeline
+        makes them (landmark stage, landmark crop) from three boxes: the detected face,
+        and a wider and a shifted box around it (other landmarks, other crops). Their
+        landmarks are :meth:`landmarks`."""
         if "crops" not in self.cache:
-            from vrn.runtime.crop import box_crop_matrix, to_network_input, warp_crop
+            from vrn.runtime.crop import to_network_input
             from vrn.runtime.detect import FaceBox, create_detector
             from vrn.runtime.image_io import load_image, sample_image_path
+            from vrn.runtime.landmarks import LandmarkStage
+            from vrn.runtime.pipeline import landmark_crops
 
             photo = load_image(sample_image_path())
             box = create_detector()(photo)[0]
             boxes = [box, FaceBox(box.x - 15, box.y - 15, box.w + 30, box.h + 30),
                      FaceBox(box.x + 8, box.y - 6, box.w, box.h)]
             size = self.model().config.input_size
+            _, crops, landmarks = landmark_crops(photo, LandmarkStage()(photo, boxes), size)
             self.cache["photo"], self.cache["boxes"] = photo, boxes
-            self.cache["crops"] = to_network_input(
-                np.stack([warp_crop(photo, box_crop_matrix(b, size), size) for b in boxes]))
+            self.cache["crops"], self.cache["landmarks"] = to_network_input(crops), landmarks
         return self.cache["crops"]
+
+    def landmarks(self) -> np.ndarray:
+        """``(N, 68, 3)`` float32 landmarks of :meth:`crops` in crop pixels ``(x, y, z)``
+        (what a landmark-guided model takes beside each crop)."""
+        self.crops()
+        return self.cache["landmarks"]
 
     def reference(self) -> np.ndarray:
         """CPU fp32 torch volumes of :meth:`crops` (the reference every backend meets)."""
@@ -68,8 +82,7 @@ class Context:
             from vrn.runtime.backends import TorchBackend
 
             backend = TorchBackend(self.model(), device="cpu")
-            self.cache["reference"] = np.concatenate(
-                [backend.infer(c[None]) for c in self.crops()])
+            self.cache["reference"] = infer_each(backend, self.crops(), self.landmarks())
         return self.cache["reference"]
 
     def onnx(self, fp16: bool = False) -> Path:
@@ -80,6 +93,13 @@ class Context:
         if key not in self.cache:
             self.cache[key] = cached_onnx(self.model(), self.scratch, fp16=fp16)
         return self.cache[key]
+
+
+def infer_each(backend, crops: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """``backend`` on one crop at a time: ``(N, D, S, S)`` float32 NumPy volumes of
+    ``crops`` ``(N, 3, S, S)`` with their ``landmarks`` ``(N, 68, 3)``."""
+    return np.concatenate([np.asarray(backend.infer(crops[i:i + 1], landmarks[i:i + 1]))
+                           for i in range(len(crops))])
 
 
 def occupancy_iou(a: np.ndarray, b: np.ndarray, level: float = 0.5) -> float:
@@ -111,6 +131,40 @@ def _torch_cuda():
 
 # ---------------------------------------------------------------------------- checks
 
+def check_cpu_reference(ctx: Context) -> dict:
+    """On any machine: the inputs the GPU checks share (the sample photo's crops, made
+    by the pipeline's landmark crop, and their landmarks in crop pixels) and the CPU
+    fp32 reference volumes of the model under test (a landmark-guided model gets the
+    landmarks)."""
+    from vrn.model import GUIDED_ARCHITECTURES
+
+    crops, landmarks = ctx.crops(), ctx.landmarks()
+    start = time.perf_counter()
+    reference = ctx.reference()  # includes loading the model, unless cached before
+    ms = (time.perf_counter() - start) * 1e3 / len(crops)
+    size = crops.shape[-1]
+    guided = getattr(ctx.model(), "architecture", "VRN") in GUIDED_ARCHITECTURES
+    # The landmark crop puts the landmarks' mean at the crop's centre.
+    centre_error = float(np.abs(landmarks[:, :, :2].mean(1) - (size - 1) / 2).max())
+    problems = []
+    if crops.shape != (3, 3, size, size) or landmarks.shape != (3, 68, 3):
+        problems.append(f"shapes {crops.shape} and {landmarks.shape}")
+    if centre_error > 0.5:
+        problems.append(f"landmark mean {centre_error:.2f} px off the crop centre")
+    if reference.shape[0] != 3 or not np.isfinite(reference).all() \
+            or reference.min() < 0 or reference.max() > 1:
+        problems.append("reference volumes not (3, D, S, S) in [0, 1]")
+    occupied = float((reference > 0.5).mean())
+    return {"status": "fail" if problems else "pass", "guided": guided,
+            "reference_shape": list(reference.shape), "occupied": occupied,
+            "crop_landmark_centre_error_px": centre_error,
+            "detail": (f"{'; '.join(problems)}; " if problems else "")
+            + f"{len(crops)} crops {size}px with landmarks, "
+            f"{'landmark-guided' if guided else 'unguided'} model, reference "
+            f"{tuple(reference.shape[1:])} {occupied:.1%} occupied, CPU fp32 {ms:.0f} ms "
+            "per crop"}
+
+
 def check_torch_fp16_vs_cpu_fp32(ctx: Context) -> dict:
     """PyTorch CUDA fp16 (channels-last, with and without CUDA graphs) against CPU fp32:
     occupancy IoU on face crops, and the batch-1 inference time."""
@@ -119,17 +173,17 @@ def check_torch_fp16_vs_cpu_fp32(ctx: Context) -> dict:
         return {"status": "skip", "detail": "torch has no CUDA"}
     from vrn.runtime.backends import TorchBackend
 
-    reference, crops = ctx.reference(), ctx.crops()
+    reference, crops, landmarks = ctx.reference(), ctx.crops(), ctx.landmarks()
     result = {}
     for graphs in (False, True):
         backend = TorchBackend(ctx.model(), device="cuda", precision="fp16",
                                cuda_graphs=graphs)
-        volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+        volumes = infer_each(backend, crops, landmarks)
         ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
         x = torch.from_numpy(crops[:1]).cuda()
 
         def run():
-            backend.infer(x)
+            backend.infer(x, landmarks[:1])
             torch.cuda.synchronize()
 
         result["graphs" if graphs else "eager"] = {"iou_min": round(min(ious), 5),
@@ -191,8 +245,8 @@ def _pipeline_zero_copy(ctx: Context, backend) -> dict:
     seen = []
     infer = backend.infer
 
-    def watched(batch, **kwargs):
-        volume = infer(batch, **kwargs)
+    def watched(batch, *args, **kwargs):
+        volume = infer(batch, *args, **kwargs)
         seen.append((type(volume).__module__, tuple(volume.shape)))
         return volume
 
@@ -256,18 +310,18 @@ def check_tensorrt(ctx: Context) -> dict:
     engine = ctx.scratch / "vrn-fp16.engine"
     onnx_fp16 = ctx.onnx(fp16=True)
     build = build_engine(onnx_fp16, engine, max_batch=4, opt_batch=1, precision="fp16")
-    reference, crops = ctx.reference(), ctx.crops()
+    reference, crops, landmarks = ctx.reference(), ctx.crops(), ctx.landmarks()
     result = {"build_s": round(build.build_seconds, 1)}
     for graphs in (False, True):
         if graphs and torch is None:
             continue
         backend = TensorRTBackend(engine, cuda_graphs=graphs)
-        volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+        volumes = infer_each(backend, crops, landmarks)
         ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
         x = torch.from_numpy(crops[:1]).cuda() if torch is not None else crops[:1]
 
         def run():
-            backend.infer(x)
+            backend.infer(x, landmarks[:1])
             backend.synchronize()
 
         result["graphs" if graphs else "plain"] = {"iou_min": round(min(ious), 5),
@@ -299,12 +353,13 @@ def check_onnxruntime_gpu(ctx: Context) -> dict:
         backend = OnnxRuntimeBackend(ctx.onnx(), provider="cuda")
     except BackendUnavailableError as exc:
         return {"status": "fail", "detail": str(exc)}
-    reference, crops = ctx.reference(), ctx.crops()
-    volumes = np.concatenate([backend.infer(c[None]) for c in crops])
+    reference, crops, landmarks = ctx.reference(), ctx.crops(), ctx.landmarks()
+    volumes = infer_each(backend, crops, landmarks)
     error = float(np.abs(volumes - reference).max())
     iou = min(occupancy_iou(v, r) for v, r in zip(volumes, reference))
     torch = _torch_cuda()
-    on_device = backend.infer(torch.from_numpy(crops[:1]).cuda()) if torch else None
+    on_device = (backend.infer(torch.from_numpy(crops[:1]).cuda(), landmarks[:1])
+                 if torch else None)
     ok = iou >= MIN_IOU and (on_device is None or on_device.is_cuda)
     return {"status": "pass" if ok else "fail", "providers": backend.providers,
             "max_abs_error": error, "iou_min": iou,
@@ -344,6 +399,7 @@ def check_marching_cubes(ctx: Context) -> dict:
 
 
 CHECKS = [
+    ("cpu_reference", check_cpu_reference),
     ("marching_cubes", check_marching_cubes),
     ("torch_fp16_vs_cpu_fp32", check_torch_fp16_vs_cpu_fp32),
     ("zero_copy_pipeline", check_zero_copy_pipeline),

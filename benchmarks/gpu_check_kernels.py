@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_marching_cubes import SHAPE, face_like_volume, noisy_volume  # noqa: E402
+from vrn.bench.isosurface import SHAPE, face_like_volume, noisy_volume
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MS = {"h100": 0.2, "orin": 2.0}

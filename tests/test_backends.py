@@ -1,5 +1,6 @@
 """Inference backends: the factory and ``auto`` selection, ONNX Runtime on the CPU
-against torch, provider-fallback detection, the ONNX cache, and clear errors for what
+against torch, provider-fallback detection, the ONNX cache, landmark-guided models
+(landmarks required, checked, and the same on both backends), and clear errors for what
 this machine cannot run."""
 
 from __future__ import annotations
@@ -48,22 +49,38 @@ def ort_backend(weights, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def batch():
-    from vrn.runtime.crop import box_crop_matrix, to_network_input, warp_crop
+def pipeline_crops():
+    """Two crops of the sample photo made as the pipeline makes them (the landmark stage
+    on two boxes, the landmark crop): ``(2, 3, 192, 192)`` float32 and their landmarks
+    ``(2, 68, 3)`` float32 crop pixels."""
+    from vrn.runtime.crop import to_network_input
     from vrn.runtime.detect import FaceBox
     from vrn.runtime.image_io import load_image, sample_image_path
+    from vrn.runtime.landmarks import LandmarkStage
+    from vrn.runtime.pipeline import landmark_crops
 
     image = load_image(sample_image_path())
     boxes = [FaceBox(177, 66, 95, 95), FaceBox(150, 40, 150, 150)]
-    return to_network_input(np.stack([warp_crop(image, box_crop_matrix(b)) for b in boxes]))
+    _, crops, landmarks = landmark_crops(image, LandmarkStage()(image, boxes))
+    return to_network_input(crops), landmarks
 
 
-def test_onnxruntime_cpu_matches_torch(ort_backend, weights, batch):
+@pytest.fixture(scope="module")
+def batch(pipeline_crops):
+    return pipeline_crops[0]
+
+
+def test_onnxruntime_cpu_matches_torch(ort_backend, weights, batch, pipeline_crops):
     reference = create_backend("torch", weights, device="cpu")
+    assert not reference.guided and not ort_backend.guided
     expected = reference.infer(batch)
     got = ort_backend.infer(batch)
     assert got.shape == expected.shape == (2, 8, 192, 192) and got.dtype == np.float32
     assert np.abs(got - expected).max() < 1e-4
+    # An unguided model ignores landmarks, whatever their shape.
+    landmarks = pipeline_crops[1]
+    assert np.array_equal(reference.infer(batch, landmarks), expected)
+    assert np.array_equal(ort_backend.infer(batch, landmarks[:, :, :2]), got)
     # A torch tensor in gives NumPy out on the CPU provider, the same numbers.
     assert np.array_equal(ort_backend.infer(torch.from_numpy(batch)), got)
     assert ort_backend.input_size == 192 and ort_backend.out_depth == 8
@@ -212,3 +229,77 @@ def test_torch_backend_options(small_model, batch):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="CUDA requested"):
             TorchBackend(small_model, device="cuda")
+
+
+# ------------------------------------------------------------------ landmark-guided
+
+@pytest.fixture(scope="module")
+def guided_weights(tmp_path_factory):
+    """A small landmark-guided VRN with non-zero guidance (fresh models start with
+    zero guidance, which would hide the landmarks' path), saved as a checkpoint."""
+    from vrn.model import build_model, save_checkpoint
+
+    torch.manual_seed(4)
+    model = build_model("VRNLandmarkGuided", SMALL, bn_mode="instance").eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # the guidance starts at zero
+            if not name.startswith("vrn.") and not param.any():
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    path = tmp_path_factory.mktemp("guided") / "guided.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def guided_backends(guided_weights, cache_dir):
+    pytest.importorskip("onnxruntime")
+    return {name: create_backend(name, guided_weights, device="cpu", cache_dir=cache_dir)
+            for name in ("torch", "onnxruntime")}
+
+
+@pytest.fixture(scope="module")
+def sample_face():
+    """The bundled photo through the pipeline's :func:`~vrn.runtime.pipeline.face_crops`:
+    ``(N, 3, 192, 192)`` crops and ``(N, 68, 3)`` crop-pixel landmarks."""
+    from vrn.runtime.image_io import load_image, sample_image_path
+    from vrn.runtime.pipeline import face_crops
+
+    crops, landmarks = face_crops(load_image(sample_image_path()))
+    assert len(crops) >= 1
+    return crops, landmarks
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_guided_backend_refuses_missing_or_misshapen_landmarks(guided_backends, sample_face,
+                                                               name):
+    backend = guided_backends[name]
+    crops, landmarks = sample_face
+    assert backend.guided
+    with pytest.raises(ValueError, match="landmark-guided.*needs landmarks"):
+        backend.infer(crops)
+    n = len(crops)
+    for bad in (landmarks[..., :2],                        # (N, 68, 2): no z
+                landmarks[:, :5],                          # too few points
+                np.concatenate([landmarks, landmarks]),    # not one set per crop
+                landmarks[0]):                             # no batch axis
+        with pytest.raises(ValueError, match=rf"landmarks must be \({n}, 68, 3\)"):
+            backend.infer(crops, bad)
+    nan = landmarks.copy()
+    nan[0, 7, 2] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        backend.infer(crops, nan)
+
+
+def test_guided_torch_and_onnxruntime_agree_on_the_sample_face(guided_backends, sample_face):
+    crops, landmarks = sample_face
+    torch_volume = guided_backends["torch"].infer(crops, landmarks)
+    ort_volume = guided_backends["onnxruntime"].infer(crops, landmarks)
+    assert torch_volume.shape == ort_volume.shape == (len(crops), 8, 192, 192)
+    assert np.abs(ort_volume - torch_volume).max() < 1e-4
+    # The landmarks matter: moved landmarks give another volume.
+    moved = landmarks + np.array([12.0, -8.0, 5.0], np.float32)
+    assert np.abs(guided_backends["torch"].infer(crops, moved) - torch_volume).max() > 1e-3
+    # A torch tensor of landmarks is taken as well.
+    again = guided_backends["torch"].infer(crops, torch.from_numpy(landmarks))
+    assert np.array_equal(again, torch_volume)

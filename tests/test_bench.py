@@ -1,5 +1,6 @@
-"""vrn-bench: statistics, the system block, planning, and a tiny end-to-end run on a
-small model whose report must have every section and only positive figures."""
+"""vrn-bench: statistics, the system block, planning, and tiny end-to-end runs on small
+models (unguided, and landmark-guided on torch and onnxruntime) whose reports must have
+every section, the landmark stage, and only positive figures."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import pytest
 
 from vrn.bench.report import (load_json, markdown_report, plot_stages, result_file_name,
                               write_json, write_results_md)
-from vrn.bench.runner import (FRAME_STAGES, BenchSettings, Combo, FrameSource, plan,
-                              run_benchmark)
+from vrn.bench.runner import (FRAME_STAGES, BenchSettings, Combo, FrameSource,
+                              landmark_backend, plan, run_benchmark, time_inference)
 from vrn.bench.stats import STAT_KEYS, ratio, summarize
 from vrn.bench.system import machine_name, system_info
 from vrn.bench.validation import occupancy_iou
+
+# A small landmark-guided VRN (32 px crops: quick on a CPU).
+GUIDED_CONFIG = dict(features=8, num_stacks=1, hourglass_depth=1, residuals_a=1,
+                     residuals_b=1, residuals_b_innermost=1, input_size=32, out_depth=16)
 
 
 def test_summarize_gives_mean_percentiles_and_extremes():
@@ -194,7 +199,7 @@ def test_small_run_has_every_section(small_report):
             assert ("onnxruntime", "cpu", precision, batch) in labels
     assert ("torch", "cpu", "fp32", 1) in labels and ("torch", "cpu", "fp32", 2) in labels
     for run in report["runs"]:
-        assert set(run["stages"]) == set(FRAME_STAGES)
+        assert set(run["stages"]) == set(FRAME_STAGES) and "landmarks" in FRAME_STAGES
         timings = list(run["stages"].values()) + [run["end_to_end"], run["crop_to_mesh"],
                                                   run["infer_only"]]
         for stats in timings:
@@ -281,3 +286,141 @@ def test_cli_rejects_bad_arguments(capsys):
         main(["--backends", "nonesuch"])
     assert exc.value.code == 2
     assert "nonesuch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ landmark-guided
+
+@pytest.fixture(scope="module")
+def guided_checkpoint(tmp_path_factory):
+    """A small landmark-guided VRN with a gently image-dependent layer for a volume (as
+    ``layered_checkpoint``) and non-zero guidance, so the landmarks shape the volume."""
+    import torch
+
+    from vrn.model import build_model, save_checkpoint
+
+    torch.manual_seed(4)
+    model = build_model("VRNLandmarkGuided", GUIDED_CONFIG, bn_mode="instance").eval()
+    head = model.vrn.head[-1]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        head.weight.mul_(0.05)
+        head.bias.copy_(torch.linspace(3.0, -3.0, head.bias.numel()))
+        for name, param in model.named_parameters():  # the guidance starts at zero
+            if not name.startswith("vrn.") and not param.any():
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    path = tmp_path_factory.mktemp("guided") / "guided.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def guided_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("guided-cache")
+
+
+@pytest.fixture(scope="module")
+def guided_report(guided_checkpoint, guided_cache):
+    settings = BenchSettings(backends=("torch", "onnxruntime"), precisions=("fp32", "int8"),
+                             batches=(1, 2), frames=2, warmup=1, weights=guided_checkpoint,
+                             isosurface_runs=3, isosurface_budget_s=0.1, progress=False,
+                             cache_dir=guided_cache)
+    return run_benchmark(settings)
+
+
+def test_guided_run_times_the_landmark_stage_on_each_backend(guided_report):
+    report = guided_report
+    assert report["model"]["architecture"] == "VRNLandmarkGuided"
+    assert report["model"]["gmacs_per_image"] > 0  # counted with landmarks fed in
+    labels = {(r["backend"], r["precision"], r["batch"]) for r in report["runs"]}
+    assert {("torch", "fp32", 1), ("torch", "fp32", 2), ("onnxruntime", "fp32", 1),
+            ("onnxruntime", "int8-static", 2)} <= labels
+    for run in report["runs"]:
+        assert list(run["stages"]) == list(FRAME_STAGES)
+        landmarks = run["stages"]["landmarks"]
+        assert landmarks["n"] == 2 and landmarks["mean"] > 0
+        assert run["end_to_end"]["mean"] > landmarks["mean"] + run["crop_to_mesh"]["mean"]
+        # The landmark stage runs where the pipeline runs it.
+        expected = "ONNX Runtime" if run["backend"] == "onnxruntime" else "PyTorch"
+        assert expected in run["landmark_stage"]
+        assert run["mesh"]["faces"] > 0 and run["infer_only"]["mean"] > 0
+    assert {v["precision"] for v in report["validation"]} == {"fp32", "int8-dynamic",
+                                                              "int8-static"}
+    fp32 = next(v for v in report["validation"] if v["precision"] == "fp32")
+    assert fp32["passed"] and fp32["iou_min"] > 0.99  # the same graph as torch, on ONNX
+    assert all(0 < v["iou_min"] <= 1 for v in report["validation"])
+    assert report["settings"]["validation_crops"] == ["astronaut.jpg#0"]
+
+
+def test_guided_report_lists_the_landmark_stage(guided_report, tmp_path):
+    text = markdown_report(guided_report)
+    header = next(line for line in text.splitlines() if line.startswith("| configuration |"))
+    assert "| detect | landmarks | crop |" in header
+    assert "Landmarks: 68 per face" in text
+    pytest.importorskip("matplotlib")
+    png = plot_stages(guided_report, tmp_path / "guided.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_from_before_the_landmark_stage_still_render(small_report, tmp_path):
+    """Result files written before the ``landmarks`` stage existed lack it: the table
+    and plot leave it out rather than fail."""
+    old = json.loads(json.dumps(small_report))
+    for run in old["runs"]:
+        del run["stages"]["landmarks"]
+        run.pop("landmark_stage")
+    text = markdown_report(old)
+    header = next(line for line in text.splitlines() if line.startswith("| configuration |"))
+    assert "| detect | crop |" in header and "landmarks" not in header
+    pytest.importorskip("matplotlib")
+    assert plot_stages(old, tmp_path / "old.png").is_file()
+
+
+def test_landmark_backend_follows_the_pipeline(tmp_path):
+    class Fake:
+        def __init__(self, name, path=None):
+            self.name, self.path = name, path
+
+    assert landmark_backend(Fake("onnxruntime")) == ("onnxruntime", None)
+    assert landmark_backend(Fake("torch")) == ("torch", None)
+    engine = tmp_path / "vrn.engine"
+    assert landmark_backend(Fake("tensorrt", engine)) == ("torch", None)
+    (tmp_path / "landmarks.engine").write_bytes(b"")
+    assert landmark_backend(Fake("tensorrt", engine)) == ("tensorrt",
+                                                          tmp_path / "landmarks.engine")
+
+
+def test_time_inference_passes_the_landmarks():
+    seen = []
+
+    class Recorder:
+        def infer(self, batch, landmarks=None):
+            seen.append((batch.shape, None if landmarks is None else landmarks.shape))
+
+    batch, landmarks = np.zeros((2, 3, 8, 8), np.float32), np.zeros((2, 68, 3), np.float32)
+    samples = time_inference({"a": Recorder()}, {"a": (batch, landmarks)}, frames=2, warmup=1)
+    assert len(samples["a"]) == 2
+    assert seen == [((2, 3, 8, 8), (2, 68, 3))] * 3
+
+
+def test_int8_keeps_the_guidance_float(guided_checkpoint, guided_cache, tmp_path):
+    """int8 of a guided graph: the nodes fed by the landmarks alone stay float, and the
+    static recipe insists on calibration landmarks."""
+    import onnx
+
+    from vrn.bench.quantize import guidance_nodes, quantize_int8
+    from vrn.model import load_model
+    from vrn.runtime.backends.onnxruntime_backend import cached_onnx
+
+    fp32 = cached_onnx(load_model(guided_checkpoint), guided_cache)
+    names = guidance_nodes(fp32)
+    graph = onnx.load(str(fp32)).graph
+    assert 0 < len(names) < len(graph.node)
+    by_name = {n.name: n for n in graph.node}
+    assert any(by_name[n].op_type == "Exp" for n in names)  # the heatmaps' Gaussians
+    assert not any(by_name[n].op_type == "InstanceNormalization" for n in names)
+    crops = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match="calibration landmarks"):
+        quantize_int8(fp32, tmp_path / "q.onnx", recipe="int8-static", calibration=crops)
+    with pytest.raises(ValueError, match=r"\(2, 68, 3\)"):
+        quantize_int8(fp32, tmp_path / "q.onnx", recipe="int8-static", calibration=crops,
+                      calibration_landmarks=np.zeros((2, 68, 2), np.float32))

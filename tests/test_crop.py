@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
-from vrn.runtime.crop import (BOX_TO_LANDMARK_DY, BOX_TO_LANDMARK_SIZE, CROP_SIZE,
-                              LANDMARK_EXTENT, box_crop_matrix, crop_matrix, invert_affine,
-                              landmarks_crop_matrix, to_network_input, warp_crop)
-from vrn.runtime.detect import FaceBox
+from vrn.runtime.crop import (CROP_SIZE, LANDMARK_EXTENT, crop_matrix, invert_affine,
+                              landmarks_crop_matrix, points_to_crop, to_network_input,
+                              warp_crop)
 
 
 def apply(matrix, points):
@@ -12,13 +11,32 @@ def apply(matrix, points):
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-def test_box_rule_centre_and_scale():
-    box = FaceBox(100.0, 50.0, 200.0, 200.0)
-    m = box_crop_matrix(box)
-    centre = (200.0, 150.0 + BOX_TO_LANDMARK_DY * 200.0)
-    np.testing.assert_allclose(apply(m, [centre]), [[(CROP_SIZE - 1) / 2] * 2], atol=1e-9)
-    assert m[0, 0] == pytest.approx(LANDMARK_EXTENT / (BOX_TO_LANDMARK_SIZE * 200.0))
-    assert m[0, 1] == 0 and m[1, 0] == 0
+def test_points_to_crop_maps_xy_and_scales_z():
+    s, t = 0.6, np.deg2rad(20)
+    m = np.array([[s * np.cos(t), -s * np.sin(t), 12.0], [s * np.sin(t), s * np.cos(t), -7.0]])
+    points = np.array([[100.0, 50.0, -4.0], [20.0, 80.0, 10.0]])
+    out = points_to_crop(points, m)
+    assert out.shape == (2, 3) and out.dtype == np.float64
+    np.testing.assert_allclose(out[:, :2], apply(m, points[:, :2]), atol=1e-12)
+    np.testing.assert_allclose(out[:, 2], s * points[:, 2], rtol=1e-12)
+
+
+def test_pipeline_face_crops_of_the_sample_photo(sample_image):
+    """The pipeline's crops (detection, landmarks, the landmark crop): the landmarks in
+    crop pixels are centred and 90 pixels across, as the original rule puts them."""
+    from vrn.runtime.pipeline import face_crops
+
+    batch, landmarks = face_crops(sample_image)
+    assert batch.shape == (1, 3, CROP_SIZE, CROP_SIZE) and batch.dtype == np.float32
+    assert landmarks.shape == (1, 68, 3) and landmarks.dtype == np.float32
+    assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.std() > 0.05
+    xy = landmarks[0, :, :2].astype(np.float64)
+    np.testing.assert_allclose(xy.mean(0), [(CROP_SIZE - 1) / 2] * 2, atol=1e-3)
+    assert np.sqrt(np.prod(xy.max(0) - xy.min(0))) == pytest.approx(LANDMARK_EXTENT, rel=1e-4)
+    small, small_landmarks = face_crops(sample_image, size=64)
+    assert small.shape == (1, 3, 64, 64) and small_landmarks.shape == (1, 68, 3)
+    empty, none = face_crops(np.zeros((240, 320, 3), np.uint8))
+    assert empty.shape == (0, 3, CROP_SIZE, CROP_SIZE) and none.shape == (0, 68, 3)
 
 
 def test_landmark_rule_matches_original_formula():

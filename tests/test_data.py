@@ -78,7 +78,8 @@ def test_read_fit_and_errors(tmp_path):
 
 
 def test_aflw_reader_on_synthetic_mat(tmp_path, fake_bfm):
-    from vrn.data.aflw import AFLWFolder, vertices_to_crop
+    from vrn.data.aflw import AFLWFolder
+    from vrn.runtime.crop import points_to_crop
     from vrn.data.voxelize import volume_from_runs
 
     write_aflw_sample(tmp_path)
@@ -93,7 +94,7 @@ def test_aflw_reader_on_synthetic_mat(tmp_path, fake_bfm):
     assert crop.shape == (192, 192, 3) and runs.shape == (3, 2, 192, 192)
     assert landmarks.shape == (68, 3)
     # The crop rule centres the landmarks and gives them an extent of 90 crop pixels.
-    lm = vertices_to_crop(rec.landmarks, rec.photo_to_crop)
+    lm = points_to_crop(rec.landmarks, rec.photo_to_crop)
     np.testing.assert_allclose(lm[:, :2].mean(0), [95.5, 95.5], atol=1e-6)
     np.testing.assert_allclose(np.sqrt(np.prod(np.ptp(lm[:, :2], 0))), 90.0, rtol=1e-6)
     vol = volume_from_runs(runs)

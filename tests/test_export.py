@@ -722,9 +722,15 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
     report = Exporter(out, fp16=True, max_batch=3, workspace_gb=1.5,
                       out=_Lines([])).export(small_weights)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["export.json", "timing.cache", "vrn.fp16.engine", "vrn.fp16.engine.json",
-                     "vrn.fp16.onnx", "vrn.onnx"]
-    calls = dict((c[0], c[1:]) for c in fake_gpu_build.calls)
+    assert names == ["export.json", "landmarks.engine", "landmarks.engine.json",
+                     "landmarks.onnx", "timing.cache", "vrn.fp16.engine",
+                     "vrn.fp16.engine.json", "vrn.fp16.onnx", "vrn.onnx"]
+    # Two builds: the VRN's engine, then the landmark stage's (fp32, input "crop").
+    starts = [i for i, c in enumerate(fake_gpu_build.calls) if c[0] == "create_network"]
+    assert len(starts) == 2
+    landmark_calls = dict((c[0], c[1:]) for c in fake_gpu_build.calls[starts[1]:])
+    assert list(landmark_calls["profile"][0]) == ["crop"]
+    calls = dict((c[0], c[1:]) for c in fake_gpu_build.calls[:starts[1]])
     assert calls["create_network"] == (1 << 1,)  # STRONGLY_TYPED on 10.x
     assert calls["workspace"] == ("workspace", int(1.5 * 2**30))
     assert calls["profile"] == ({"image": ((1, 3, 32, 32), (3, 3, 32, 32), (3, 3, 32, 32))},)
@@ -739,13 +745,13 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
     assert report["engine"]["engine_sha256"] == meta.engine_sha256
     assert report["parity"]["TensorRT fp16 vs ONNX Runtime"]["max_abs"] == 0.0
     assert report["files"]["vrn.fp16.engine"]["bytes"] == meta.engine_bytes
-    assert (out / "timing.cache").read_bytes() == b"fresh+"
+    assert (out / "timing.cache").read_bytes() == b"fresh++"  # both builds share it
     # the engine loads through the one loader, and a rebuild reuses the timing cache
     engine, loaded = engine_file.load_engine(out / "vrn.fp16.engine")
     assert loaded == meta and engine.onnx_bytes == (out / "vrn.fp16.onnx").read_bytes()
     lines = []
     Exporter(out, max_batch=3, out=_Lines(lines)).export_from_onnx(out / "vrn.fp16.onnx")
-    assert (out / "timing.cache").read_bytes() == b"fresh++"
+    assert (out / "timing.cache").read_bytes() == b"fresh+++"
     assert "timing cache reused" in "".join(lines)
     # the rebuild is added to the export's report, which keeps its ONNX parity figures
     merged = json.loads((out / "export.json").read_text())
@@ -792,7 +798,8 @@ def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
     lines = []
     report = Exporter(out, fp16=True, max_batch=3, engine="auto",
                       out=_Lines(lines)).export(small_weights)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "vrn.fp16.onnx", "vrn.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "landmarks.onnx",
+                                                     "vrn.fp16.onnx", "vrn.onnx"]
     saved = json.loads((out / "export.json").read_text())
     assert saved == json.loads(json.dumps(report, default=str))
     assert saved["versions"]["tensorrt"] is None and saved["gpu"] is None
@@ -807,7 +814,7 @@ def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
     assert saved["model"]["config"] == SMALL.to_dict()
     assert saved["engine"] is None
     assert [s["step"] for s in saved["steps"]] == ["weights", "ONNX", "ONNX parity", "fp16",
-                                                  "fp16 parity"]
+                                                  "fp16 parity", "landmarks"]
     assert saved["parity"]["ONNX fp32 vs PyTorch"]["passed"]
     assert saved["parity"]["ONNX fp32 vs PyTorch"]["max_abs"] < 1e-4
     rows = saved["parity"]["ONNX fp16 vs PyTorch"]["rows"]

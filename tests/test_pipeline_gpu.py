@@ -1,7 +1,8 @@
 """The GPU path of the pipeline (skipped without CUDA): torch CUDA fp16 against CPU fp32,
 the GPU pipeline against the CPU pipeline, no device-to-host copy of the volume, one batch
 for several faces, CUDA graphs, and the TensorRT and onnxruntime-GPU backends where
-installed."""
+installed; each for an unguided and a landmark-guided model (crops and landmarks made as
+the pipeline makes them)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,24 @@ SMALL = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residu
 BOXES = [(177, 66, 95, 95), (150, 40, 150, 150)]
 
 
-def _model(plane: bool = False):
-    from vrn.model import VRN, VRNConfig, set_bn_mode
+def _model(plane: bool = False, guided: bool = False):
+    """A seeded small VRN, or a landmark-guided one (non-zero guidance unless
+    ``plane``). ``plane``: a flat wall at one depth, the same volume on every device."""
+    from vrn.model import build_model
 
     torch.manual_seed(5)
-    model = set_bn_mode(VRN(VRNConfig(**SMALL)), "instance").eval()
-    if plane:  # a flat wall at one depth: the same volume on every device
-        with torch.no_grad():
-            model.head[-1].weight.zero_()
-            model.head[-1].bias.copy_(torch.linspace(4.0, -4.0, SMALL["out_depth"]))
+    model = build_model("VRNLandmarkGuided" if guided else "VRN", SMALL, bn_mode="instance")
+    model = model.eval()
+    head = model.vrn.head[-1] if guided else model.head[-1]
+    with torch.no_grad():
+        if plane:
+            head.weight.zero_()
+            head.bias.copy_(torch.linspace(4.0, -4.0, SMALL["out_depth"]))
+        elif guided:
+            gen = torch.Generator().manual_seed(6)
+            for name, param in model.named_parameters():  # the guidance starts at zero
+                if not name.startswith("vrn.") and not param.any():
+                    param.copy_(0.2 * torch.randn(param.shape, generator=gen))
     return model
 
 
@@ -43,10 +53,25 @@ def boxes():
 
 
 @pytest.fixture(scope="module")
-def crops(photo, boxes):
-    from vrn.runtime.crop import box_crop_matrix, to_network_input, warp_crop
+def crops_and_landmarks(photo, boxes):
+    """The pipeline's crops of ``boxes`` (landmark stage, landmark crop): ``(2, 3, S, S)``
+    float32 and their ``(2, 68, 3)`` float32 landmarks in crop pixels."""
+    from vrn.runtime.crop import to_network_input
+    from vrn.runtime.landmarks import LandmarkStage
+    from vrn.runtime.pipeline import landmark_crops
 
-    return to_network_input(np.stack([warp_crop(photo, box_crop_matrix(b)) for b in boxes]))
+    _, crops, landmarks = landmark_crops(photo, LandmarkStage()(photo, boxes))
+    return to_network_input(crops), landmarks
+
+
+@pytest.fixture(scope="module")
+def crops(crops_and_landmarks):
+    return crops_and_landmarks[0]
+
+
+@pytest.fixture(scope="module")
+def landmarks(crops_and_landmarks):
+    return crops_and_landmarks[1]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,27 +79,35 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def test_cuda_fp16_matches_cpu_fp32(crops):
+@pytest.mark.parametrize("guided", [False, True])
+def test_cuda_fp16_matches_cpu_fp32(crops, landmarks, guided):
     from vrn.runtime.backends import TorchBackend
 
-    reference = TorchBackend(_model(), device="cpu").infer(crops)
+    reference = TorchBackend(_model(guided=guided), device="cpu").infer(crops, landmarks)
     for graphs in (False, True):
-        gpu = TorchBackend(_model(), device="cuda", precision="fp16", cuda_graphs=graphs)
-        volume = gpu.infer(crops)
+        gpu = TorchBackend(_model(guided=guided), device="cuda", precision="fp16",
+                           cuda_graphs=graphs)
+        assert gpu.guided == guided
+        volume = gpu.infer(crops, landmarks)
         assert volume.dtype == np.float32 and volume.shape == reference.shape
         assert _iou(volume, reference) > 0.97
-        again = gpu.infer(crops[:1])  # another batch size: a second graph
+        again = gpu.infer(crops[:1], landmarks[:1])  # another batch size: a second graph
         assert _iou(again, reference[:1]) > 0.97
+        if guided:
+            with pytest.raises(ValueError, match="needs landmarks"):
+                gpu.infer(crops)
 
 
-def test_gpu_pipeline_matches_cpu_pipeline(photo, boxes):
+@pytest.mark.parametrize("guided", [False, True])
+def test_gpu_pipeline_matches_cpu_pipeline(photo, boxes, guided):
     from vrn.runtime.backends import TorchBackend
     from vrn.runtime.pipeline import Reconstructor
 
-    cpu = Reconstructor(backend=TorchBackend(_model(plane=True), device="cpu"),
+    model = _model(plane=True, guided=guided)
+    cpu = Reconstructor(backend=TorchBackend(model, device="cpu"),
                         all_faces=True)(photo, boxes=boxes)
-    gpu = Reconstructor(backend=TorchBackend(_model(plane=True), device="cuda",
-                                             precision="fp32"),
+    gpu = Reconstructor(backend=TorchBackend(_model(plane=True, guided=guided),
+                                             device="cuda", precision="fp32"),
                         all_faces=True)(photo, boxes=boxes)
     assert len(gpu.faces) == len(cpu.faces) == 2
     for g, c in zip(gpu.faces, cpu.faces):
@@ -83,16 +116,19 @@ def test_gpu_pipeline_matches_cpu_pipeline(photo, boxes):
         assert np.array_equal(g.mesh.faces, c.mesh.faces)
         assert np.allclose(g.mesh.vertices, c.mesh.vertices, atol=1e-3)
         assert np.abs(g.mesh.colors.astype(int) - c.mesh.colors).max() <= 1
-    assert set(gpu.timings_ms) == {"detect", "crop", "infer", "isosurface", "colour"}
+    assert set(gpu.timings_ms) == {"detect", "landmarks", "crop", "infer", "isosurface",
+                                   "colour"}
 
 
-def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch):
+@pytest.mark.parametrize("guided", [False, True])
+def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch, guided):
     """Count every device-to-host copy during a frame: none may be volume-sized."""
     from vrn.runtime.backends import TorchBackend
     from vrn.runtime.pipeline import Reconstructor
 
-    rec = Reconstructor(backend=TorchBackend(_model(), device="cuda", precision="fp16",
-                                             cuda_graphs=True), all_faces=True)
+    rec = Reconstructor(backend=TorchBackend(_model(guided=guided), device="cuda",
+                                             precision="fp16", cuda_graphs=True),
+                        all_faces=True)
     rec(photo, boxes=boxes)  # warm up (graph capture) before counting
     volume_elements = SMALL["out_depth"] * SMALL["input_size"] ** 2
     copies: list[int] = []
@@ -125,8 +161,8 @@ def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch):
         pass
     infer = rec.backend.infer
 
-    def watched(batch, **kwargs):
-        volume = infer(batch, **kwargs)
+    def watched(batch, *args, **kwargs):
+        volume = infer(batch, *args, **kwargs)
         seen_volumes.append(volume)
         return volume
 
@@ -139,28 +175,30 @@ def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch):
     assert max(copies) < volume_elements, copies
 
 
-def test_tensorrt_backend_when_installed(tmp_path, crops):
+@pytest.mark.parametrize("guided", [False, True])
+def test_tensorrt_backend_when_installed(tmp_path, crops, landmarks, guided):
     trt = pytest.importorskip("tensorrt")
     build = pytest.importorskip("vrn.export.tensorrt_build")
     from vrn.export.onnx_export import export_onnx
     from vrn.runtime.backends import TorchBackend
     from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
 
-    model = _model()
+    model = _model(guided=guided)
     onnx_path = export_onnx(model, tmp_path / "small.onnx", max_batch=2).path
     engine_path = build.build_engine(onnx_path, tmp_path / "small.engine", max_batch=2,
                                      precision="fp32").engine_path
-    reference = TorchBackend(_model(), device="cpu").infer(crops)
+    reference = TorchBackend(_model(guided=guided), device="cpu").infer(crops, landmarks)
     for graphs in (False, True):
         backend = TensorRTBackend(engine_path, cuda_graphs=graphs)
-        assert trt.__version__ in backend.describe()
-        volume = backend.infer(crops)
+        assert trt.__version__ in backend.describe() and backend.guided == guided
+        volume = backend.infer(crops, landmarks)
         assert _iou(volume, reference) > 0.97
-        on_device = backend.infer(torch.from_numpy(crops).cuda())
+        on_device = backend.infer(torch.from_numpy(crops).cuda(), landmarks)
         assert on_device.is_cuda and _iou(on_device.cpu().numpy(), reference) > 0.97
 
 
-def test_onnxruntime_gpu_when_installed(tmp_path, crops):
+@pytest.mark.parametrize("guided", [False, True])
+def test_onnxruntime_gpu_when_installed(tmp_path, crops, landmarks, guided):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime without the CUDA provider")
@@ -168,11 +206,11 @@ def test_onnxruntime_gpu_when_installed(tmp_path, crops):
     from vrn.runtime.backends import TorchBackend
     from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    path = export_onnx(_model(), tmp_path / "small.onnx", max_batch=2).path
+    path = export_onnx(_model(guided=guided), tmp_path / "small.onnx", max_batch=2).path
     backend = OnnxRuntimeBackend(path, provider="cuda")
-    assert backend.providers[0] == "CUDAExecutionProvider"
-    reference = TorchBackend(_model(), device="cpu").infer(crops)
-    device_volume = backend.infer(torch.from_numpy(crops).cuda())
+    assert backend.providers[0] == "CUDAExecutionProvider" and backend.guided == guided
+    reference = TorchBackend(_model(guided=guided), device="cpu").infer(crops, landmarks)
+    device_volume = backend.infer(torch.from_numpy(crops).cuda(), landmarks)
     assert device_volume.is_cuda
     assert np.abs(device_volume.cpu().numpy() - reference).max() < 1e-3
-    assert np.abs(backend.infer(crops) - reference).max() < 1e-3
+    assert np.abs(backend.infer(crops, landmarks) - reference).max() < 1e-3

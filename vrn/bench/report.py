@@ -42,6 +42,18 @@ def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def report_stages(report: dict) -> list[str]:
+    """The stages of :data:`~vrn.bench.runner.FRAME_STAGES` that some run of ``report``
+    timed, in pipeline order (result files from before the ``landmarks`` stage lack
+    it)."""
+    return [s for s in FRAME_STAGES if any(s in run["stages"] for run in report["runs"])]
+
+
+def _stage_mean(run: dict, stage: str) -> float | None:
+    stats = run["stages"].get(stage)
+    return None if stats is None else stats["mean"]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -122,21 +134,26 @@ def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = 
     runs = report["runs"]
 
     out += [f"{h}# Per-stage latency, mean ms per frame", ""]
+    stages = report_stages(report)
     rows = []
     for run in runs:
         rows.append([run["label"] + (" (reference)" if run["reference"] else "")]
-                    + [fmt_ms(run["stages"][s]["mean"]) for s in FRAME_STAGES]
+                    + [fmt_ms(_stage_mean(run, s)) for s in stages]
                     + [fmt_ms(run["infer_only"]["mean"]),
                        fmt_ms(run["crop_to_mesh"]["mean"]), fmt_ms(run["end_to_end"]["mean"]),
                        f"{run['throughput']['frames_per_s']:.2f}",
                        f"{run['throughput']['faces_per_s']:.2f}",
                        f"{run['mesh']['faces']:,}"])
-    out += _table(["configuration", *FRAME_STAGES, "network alone", "crop to mesh",
+    out += _table(["configuration", *stages, "network alone", "crop to mesh",
                    "end to end", "FPS", "faces/s", "triangles"], rows)
-    out += ["FPS: frames per second of this sequential loop (1 / end to end). A batch of B "
+    note = ("FPS: frames per second of this sequential loop (1 / end to end). A batch of B "
             "is B copies of the source face per frame. Network alone: `infer` outside the "
-            "pipeline, all configurations interleaved round by round. Crop to mesh: crop, infer, isosurface and "
-            "colour (mesh on the host). Triangles: per face.", ""]
+            "pipeline, all configurations interleaved round by round. Crop to mesh: crop, "
+            "infer, isosurface and colour (mesh on the host). Triangles: per face.")
+    if "landmarks" in stages:
+        note += (" Landmarks: 68 per face, on ONNX Runtime beside onnxruntime "
+                 "configurations and on PyTorch otherwise, as the pipeline runs them.")
+    out += [note, ""]
     if plot:
         out += [f"![per-stage latency]({plot})", ""]
 
@@ -292,15 +309,16 @@ def plot_stages(report: dict, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(9, height), dpi=110)
     left = [0.0] * len(runs)
     colors = plt.get_cmap("tab10").colors
-    for k, stage in enumerate(FRAME_STAGES):
-        widths = [r["stages"][stage]["mean"] for r in runs]
+    stages = report_stages(report)
+    for k, stage in enumerate(stages):
+        widths = [_stage_mean(r, stage) or 0.0 for r in runs]
         ax.barh(labels, widths, left=left, color=colors[k % len(colors)], label=stage)
         left = [a + b for a, b in zip(left, widths)]
     ax.invert_yaxis()
     ax.set_xlabel("mean latency per frame (ms)")
     date = report["system"]["date"][:10]
     ax.set_title(f"vrn-bench per-stage latency: {report['machine']}, {date}", fontsize=10)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(FRAME_STAGES),
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(stages),
                fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     path = Path(path)

@@ -4,10 +4,16 @@ precision and batch size available, with the reference implementations beside ou
 For each configuration (backend x device x precision) and batch size ``B``, every frame
 is: ``decode`` (the source image decoded from its bytes, or the next video frame),
 ``detect``, then :class:`vrn.runtime.pipeline.Reconstructor` on ``B`` copies of the
-detected face (``crop``, ``infer``, ``isosurface``, ``colour`` with back-mapping into
-the photo), then ``render`` (:func:`vrn.runtime.render.overlay`). Each stage is timed
-the pipeline's own way (:class:`vrn.runtime.timing.StageTimer`), the frame as a whole
-by the wall clock (``end_to_end``), and ``crop_to_mesh`` is crop through colour.
+detected face (``landmarks``, ``crop``, ``infer``, ``isosurface``, ``colour`` with
+back-mapping into the photo), then ``render`` (:func:`vrn.runtime.render.overlay`). The
+landmark stage runs where the pipeline runs it (:func:`landmark_backend`): on ONNX
+Runtime beside an onnxruntime configuration, on PyTorch otherwise (the TensorRT engines
+built here have no landmark engine beside them). Each stage is timed the pipeline's own
+way (:class:`vrn.runtime.timing.StageTimer`), the frame as a whole by the wall clock
+(``end_to_end``), and ``crop_to_mesh`` is crop through colour.
+
+Every network call gets the face crops' landmarks in crop pixels beside the crops (a
+landmark-guided model needs them; other models ignore them).
 
 The network alone (``infer_only``) is timed outside the pipeline too, every
 configuration once per round, so that a change in the machine's load hits all of them
@@ -44,7 +50,8 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
 PRECISION_ALIASES = {"int8": ("int8-dynamic", "int8-static")}
 DEVICES = ("cpu", "cuda")
-FRAME_STAGES = ("decode", "detect", "crop", "infer", "isosurface", "colour", "render")
+FRAME_STAGES = ("decode", "detect", "landmarks", "crop", "infer", "isosurface", "colour",
+                "render")
 CROP_TO_MESH = ("crop", "infer", "isosurface", "colour")
 GPU_PHASES = ("h2d", "compute", "d2h", "with_transfers")
 SETTLE_S = 0.02  # pause before each interleaved call: idle thread pools stop spinning
@@ -194,6 +201,7 @@ def count_macs(model) -> int:
     import torch
     from torch import nn
 
+    from ..export.onnx_export import example_inputs
     from ..model import build_model, model_info
 
     info = model_info(model)
@@ -211,10 +219,9 @@ def count_macs(model) -> int:
 
     handles = [m.register_forward_hook(hook) for m in probe.modules()
                if isinstance(m, nn.Conv2d)]
-    size = info.config.input_size
     try:
         with torch.no_grad():
-            probe(torch.zeros(1, 3, size, size, device="meta"))
+            probe(*example_inputs(probe, 1, device="meta"))
     finally:
         for h in handles:
             h.remove()
@@ -310,11 +317,15 @@ class BackendFactory:
     """Builds the backend of a :class:`Combo` for one model, preparing the files it
     needs (ONNX export, int8 quantisation, fp16 graph, TensorRT engine) once, in the
     cache folder. ``prepare_s`` holds the seconds spent on each file made in this run;
-    ``reused`` names those found in the cache."""
+    ``reused`` names those found in the cache. ``calibration`` ``(N, 3, S, S)`` float32
+    face crops and ``calibration_landmarks`` ``(N, 68, 3)`` float32 crop pixels calibrate
+    int8-static."""
 
-    def __init__(self, model, *, calibration: np.ndarray, cache_dir=None, max_batch: int = 1):
+    def __init__(self, model, *, calibration: np.ndarray, calibration_landmarks: np.ndarray,
+                 cache_dir=None, max_batch: int = 1):
         self.model = model
         self.calibration = calibration
+        self.calibration_landmarks = calibration_landmarks
         self.cache_dir = cache_dir
         self.max_batch = max_batch
         self.prepare_s: dict[str, float] = {}
@@ -338,15 +349,17 @@ class BackendFactory:
         return self._file("onnx_fp32", lambda: cached_onnx(self.model, self.cache_dir))
 
     def onnx_int8(self, recipe: str) -> Path:
-        from .quantize import quantize_int8
+        from .quantize import RECIPE_VERSION, quantize_int8
 
         fp32 = self.onnx_fp32()
-        digest = hashlib.sha256(fp32.name.encode())
+        digest = hashlib.sha256(f"{fp32.name}/{RECIPE_VERSION}".encode())
         if recipe == "int8-static":
             digest.update(np.ascontiguousarray(self.calibration).tobytes())
+            digest.update(np.ascontiguousarray(self.calibration_landmarks).tobytes())
         path = fp32.with_name(f"{fp32.stem}.{recipe}-{digest.hexdigest()[:12]}.onnx")
         return self._file(recipe, lambda: path if path.is_file() else quantize_int8(
-            fp32, path, recipe=recipe, calibration=self.calibration))
+            fp32, path, recipe=recipe, calibration=self.calibration,
+            calibration_landmarks=self.calibration_landmarks))
 
     def onnx_fp16(self) -> Path:
         from ..export.fp16 import export_fp16
@@ -420,10 +433,10 @@ class BackendFactory:
 def time_pipeline(reconstructor, source: FrameSource, *, batch: int, frames: int,
                   warmup: int, tick=None) -> dict:
     """Run ``warmup + frames`` frames through decode, detect, the reconstructor on
-    ``batch`` copies of the face, and render; return per-frame millisecond samples
-    ``{stage: [ms, ...]}`` for :data:`FRAME_STAGES`, ``"crop_to_mesh"`` and
-    ``"end_to_end"``, plus the mesh size and how many frames had no detection (their
-    previous box was reused, as a tracker would)."""
+    ``batch`` copies of the face (landmarks through colour), and render; return
+    per-frame millisecond samples ``{stage: [ms, ...]}`` for :data:`FRAME_STAGES`,
+    ``"crop_to_mesh"`` and ``"end_to_end"``, plus the mesh size and how many frames had
+    no detection (their previous box was reused, as a tracker would)."""
     from ..runtime.render import overlay
     from ..runtime.timing import StageTimer
 
@@ -461,29 +474,32 @@ def time_pipeline(reconstructor, source: FrameSource, *, batch: int, frames: int
             "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}}
 
 
-def time_inference(backends: dict, batches: dict, *, frames: int, warmup: int) -> dict:
-    """The networks alone: each ``backends[key].infer(batches[key])`` (NumPy in, NumPy
-    out, so host transfers are included on a GPU) called once per round, the keys in
-    turn, for ``warmup + frames`` rounds. Interleaving spreads any change in the
-    machine's load over every backend alike, so their ratios stay fair on a shared
-    machine; a pause of :data:`SETTLE_S` before each call lets the previous backend's
+def time_inference(backends: dict, inputs: dict, *, frames: int, warmup: int) -> dict:
+    """The networks alone: each ``backends[key].infer(batch, landmarks)``, with
+    ``inputs[key] = (batch (N, 3, S, S) float32, landmarks (N, 68, 3) float32 crop
+    pixels)`` (NumPy in, NumPy out, so host transfers are included on a GPU), called once
+    per round, the keys in turn, for ``warmup + frames`` rounds. Interleaving spreads any
+    change in the machine's load over every backend alike, so their ratios stay fair on a
+    shared machine; a pause of :data:`SETTLE_S` before each call lets the previous backend's
     worker threads stop spinning first. Returns millisecond samples per key."""
     samples: dict = {key: [] for key in backends}
     for index in range(warmup + frames):
         for key, backend in backends.items():
             time.sleep(SETTLE_S)
             start = time.perf_counter()
-            backend.infer(batches[key])
+            backend.infer(*inputs[key])
             if index >= warmup:
                 samples[key].append((time.perf_counter() - start) * 1e3)
     return samples
 
 
-def time_device_inference(backend, batch: np.ndarray, *, frames: int, warmup: int
-                          ) -> dict | None:
-    """trtexec-style CUDA-event timing of a CUDA backend: ``h2d`` (pinned host to
-    device), ``compute`` (input and output on the device), ``d2h`` and
-    ``with_transfers`` (all three), as millisecond samples. ``None`` off CUDA."""
+def time_device_inference(backend, batch: np.ndarray, landmarks: np.ndarray, *,
+                          frames: int, warmup: int) -> dict | None:
+    """trtexec-style CUDA-event timing of a CUDA backend on ``batch`` ``(N, 3, S, S)``
+    and ``landmarks`` ``(N, 68, 3)`` float32: ``h2d`` (the crops, pinned host to
+    device), ``compute`` (crops and volume on the device; a guided backend's own copy of
+    the landmarks, 816 bytes a face, falls in it), ``d2h`` and ``with_transfers`` (all
+    three), as millisecond samples. ``None`` off CUDA."""
     if getattr(backend, "device", "cpu") != "cuda":
         return None
     import torch
@@ -498,7 +514,7 @@ def time_device_inference(backend, batch: np.ndarray, *, frames: int, warmup: in
         events[0].record()
         x = host.to("cuda", non_blocking=True)
         events[1].record()
-        y = backend.infer(x, on_device=True)
+        y = backend.infer(x, landmarks, on_device=True)
         events[2].record()
         y.to("cpu")
         events[3].record()
@@ -556,10 +572,46 @@ def time_isosurface_references(volumes: dict[str, np.ndarray], *, level: float, 
 
 # ------------------------------------------------------------------------ the run
 
-def _validation_crops(settings: BenchSettings, detector, size: int, source: FrameSource
-                      ) -> tuple[np.ndarray, list[str]]:
-    """Face crops of the source image (when it is one), the sample photo and the
-    ``validate_with`` photos, in that order."""
+def landmark_backend(backend) -> tuple[str, Path | None]:
+    """The landmark stage the pipeline pairs with the VRN ``backend``, as
+    :func:`vrn.runtime.pipeline.default_landmark_stage` picks it: ``("tensorrt",
+    engine)`` for a TensorRT backend with ``landmarks.engine`` beside its engine,
+    ``("onnxruntime", None)`` beside onnxruntime, else ``("torch", None)``."""
+    name = getattr(backend, "name", "")
+    if name == "tensorrt":
+        engine = Path(backend.path).with_name("landmarks.engine")
+        if engine.is_file():
+            return "tensorrt", engine
+    return ("onnxruntime" if name == "onnxruntime" else "torch"), None
+
+
+class LandmarkStages:
+    """One :class:`~vrn.runtime.landmarks.LandmarkStage` per landmark backend, built on
+    first use and shared by every configuration (the ONNX Runtime one exports its graph
+    into ``cache_dir``)."""
+
+    def __init__(self, cache_dir=None):
+        self.cache_dir = cache_dir
+        self._stages: dict = {}
+
+    def __call__(self, kind: str = "torch", engine: Path | None = None):
+        from ..runtime.landmarks import LandmarkStage
+
+        if (kind, engine) not in self._stages:
+            self._stages[kind, engine] = LandmarkStage(kind, cache_dir=self.cache_dir,
+                                                       engine=engine)
+        return self._stages[kind, engine]
+
+    def for_backend(self, backend):
+        """The stage the pipeline would run beside ``backend`` (:func:`landmark_backend`)."""
+        return self(*landmark_backend(backend))
+
+
+def _validation_crops(settings: BenchSettings, detector, landmark_stage, size: int,
+                      source: FrameSource) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Face crops ``(N, 3, S, S)``, their landmarks ``(N, 68, 3)`` crop pixels and names,
+    of the source image (when it is one), the sample photo and the ``validate_with``
+    photos, in that order."""
     from ..runtime.image_io import sample_image_path
     from .validation import face_crops, image_files
 
@@ -568,7 +620,7 @@ def _validation_crops(settings: BenchSettings, detector, size: int, source: Fram
     if not images or source.path.resolve() != sample.resolve():
         images.append(sample)
     images += image_files(list(settings.validate_with))
-    return face_crops(images, detector=detector, size=size)
+    return face_crops(images, detector=detector, landmark_stage=landmark_stage, size=size)
 
 
 def run_benchmark(settings: BenchSettings) -> dict:
@@ -580,7 +632,8 @@ def run_benchmark(settings: BenchSettings) -> dict:
     - ``runs``: per configuration and batch, ``stages`` (:data:`FRAME_STAGES` ->
       :func:`~vrn.bench.stats.summarize` stats in ms), ``crop_to_mesh``, ``end_to_end``,
       ``infer_only`` (the network alone), ``throughput``, ``mesh`` (vertices and
-      triangles per face), ``gpu`` (:data:`GPU_PHASES`, CUDA only), ``describe``;
+      triangles per face), ``gpu`` (:data:`GPU_PHASES`, CUDA only), ``describe`` and
+      ``landmark_stage`` (what ran the network and the landmarks);
     - ``speedups`` (:func:`speedups`), ``validation`` (IoU against fp32 per
       configuration), ``references`` (``isosurface``), ``goals`` (:func:`goals`),
       ``unavailable`` (configuration and reason), ``prepare_s`` and
@@ -598,8 +651,10 @@ def run_benchmark(settings: BenchSettings) -> dict:
     model, model_source = load_bench_model(settings)
     model_block = describe_model(model, model_source)
     detector = create_detector()
+    landmark_stages = LandmarkStages(settings.cache_dir)
     size = model.config.input_size
-    crops, crop_names = _validation_crops(settings, detector, size, source)
+    crops, landmarks, crop_names = _validation_crops(settings, detector, landmark_stages(),
+                                                     size, source)
     if len(crops) == 0:
         raise NoFaceError("no face found in the validation photos (the sample photo "
                           "included); cannot validate or calibrate")
@@ -607,8 +662,8 @@ def run_benchmark(settings: BenchSettings) -> dict:
     cuda = cuda_available()
     combos, unavailable = plan(settings, cuda=cuda, cpu_bf16=system["cpu"]["bf16"],
                                tensorrt=tensorrt_unavailable_reason())
-    factory = BackendFactory(model, calibration=crops, cache_dir=settings.cache_dir,
-                             max_batch=max(settings.batches))
+    factory = BackendFactory(model, calibration=crops, calibration_landmarks=landmarks,
+                             cache_dir=settings.cache_dir, max_batch=max(settings.batches))
     per_combo = settings.warmup + settings.frames
     total = len(combos) * len(settings.batches) * per_combo
     progress = tqdm(total=total, disable=not settings.progress, unit="frame",
@@ -632,13 +687,16 @@ def run_benchmark(settings: BenchSettings) -> dict:
             built[combo] = backend
             try:
                 if cpu_reference:
-                    reference_volumes = np.stack([backend.infer(crops[i:i + 1])[0]
-                                                  for i in range(len(crops))])
+                    reference_volumes = np.stack([
+                        backend.infer(crops[i:i + 1], landmarks[i:i + 1])[0]
+                        for i in range(len(crops))])
                 else:
                     check = validate_against_reference(backend, reference_volumes, crops,
-                                                       level=settings.level)
-                measured = [_measure(backend, detector, source, combo, batch, settings,
-                                     crops=crops, tick=progress.update)
+                                                       landmarks, level=settings.level)
+                stage = landmark_stages.for_backend(backend)
+                measured = [_measure(backend, detector, stage, source, combo, batch,
+                                     settings, crops=crops, landmarks=landmarks,
+                                     tick=progress.update)
                             for batch in settings.batches]
             except Exception as exc:  # noqa: BLE001 - one broken backend must not end the run
                 if cpu_reference:
@@ -653,7 +711,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
         progress.set_description("networks alone")
         keys = {(Combo(r["backend"], r["device"], r["precision"]), r["batch"]): r for r in runs}
         alone = time_inference({key: built[key[0]] for key in keys},
-                               {key: crops[:1].repeat(key[1], axis=0) for key in keys},
+                               {key: _repeat_first(crops, landmarks, key[1]) for key in keys},
                                frames=settings.frames, warmup=settings.warmup)
         for key, run in keys.items():
             run["infer_only"] = summarize(alone[key])
@@ -691,14 +749,23 @@ def run_benchmark(settings: BenchSettings) -> dict:
     return report
 
 
-def _measure(backend, detector, source, combo: Combo, batch: int, settings: BenchSettings,
-             *, crops: np.ndarray, tick=None) -> dict:
-    """One entry of ``report["runs"]``: the pipeline timed frame by frame, and on CUDA
-    the network with CUDA events (the network alone is timed later, for all
-    configurations together, by :func:`time_inference`)."""
+def _repeat_first(crops: np.ndarray, landmarks: np.ndarray, batch: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` copies of the first crop ``(batch, 3, S, S)`` and of its landmarks
+    ``(batch, 68, 3)``."""
+    return crops[:1].repeat(batch, axis=0), landmarks[:1].repeat(batch, axis=0)
+
+
+def _measure(backend, detector, landmark_stage, source, combo: Combo, batch: int,
+             settings: BenchSettings, *, crops: np.ndarray, landmarks: np.ndarray,
+             tick=None) -> dict:
+    """One entry of ``report["runs"]``: the pipeline (with ``landmark_stage``) timed
+    frame by frame, and on CUDA the network with CUDA events (the network alone is timed
+    later, for all configurations together, by :func:`time_inference`)."""
     from ..runtime.pipeline import Reconstructor
 
-    reconstructor = Reconstructor(backend=backend, detector=detector, all_faces=True,
+    reconstructor = Reconstructor(backend=backend, detector=detector,
+                                  landmark_stage=landmark_stage, all_faces=True,
                                   level=settings.level)
     timed = time_pipeline(reconstructor, source, batch=batch, frames=settings.frames,
                           warmup=settings.warmup, tick=tick)
@@ -706,13 +773,14 @@ def _measure(backend, detector, source, combo: Combo, batch: int, settings: Benc
     reference = combo.backend == "torch" and combo.precision == REFERENCE_PRECISION
     run = {**combo.as_dict(), "batch": batch, "label": f"{combo.label} b{batch}",
            "reference": reference, "describe": backend.describe(),
+           "landmark_stage": landmark_stage.describe(),
            "stages": {s: summarize(samples[s]) for s in FRAME_STAGES},
            "crop_to_mesh": summarize(samples["crop_to_mesh"]),
            "end_to_end": summarize(samples["end_to_end"]),
            "mesh": timed["mesh"], "missed_detections": timed["missed_detections"]}
     mean_s = run["end_to_end"]["mean"] / 1e3
     run["throughput"] = {"frames_per_s": 1.0 / mean_s, "faces_per_s": batch / mean_s}
-    gpu = time_device_inference(backend, crops[:1].repeat(batch, axis=0),
+    gpu = time_device_inference(backend, *_repeat_first(crops, landmarks, batch),
                                 frames=settings.frames, warmup=settings.warmup)
     if gpu is not None:
         run["gpu"] = {phase: summarize(v) for phase, v in gpu.items()}

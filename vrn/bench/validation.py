@@ -38,42 +38,58 @@ def image_files(paths: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def face_crops(images: list[str | os.PathLike], *, detector, size: int,
-               max_faces_per_photo: int = MAX_FACES_PER_PHOTO
-               ) -> tuple[np.ndarray, list[str]]:
-    """Network inputs for every face the detector finds in ``images``.
+def face_crops(images: list[str | os.PathLike], *, size: int, detector=None,
+               landmark_stage=None, max_faces_per_photo: int = MAX_FACES_PER_PHOTO
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Network inputs for every face the detector finds in ``images``, made as the
+    pipeline makes them (detection, landmarks, the landmark crop:
+    :func:`vrn.runtime.pipeline.face_crops`).
 
-    Returns ``(batch, names)``: ``(N, 3, size, size)`` float32 RGB in [0, 1], cropped
-    the way the pipeline crops (:func:`vrn.runtime.crop.box_crop_matrix`), and one
-    ``"file.jpg#k"`` name per crop. Photos without a detected face add nothing.
+    Returns ``(batch, landmarks, names)``: ``(N, 3, size, size)`` float32 RGB in [0, 1],
+    the ``(N, 68, 3)`` float32 landmarks in crop pixels ``(x, y, z)`` (what a
+    landmark-guided model takes beside each crop), and one ``"file.jpg#k"`` name per
+    crop. Photos without a detected face add nothing. ``detector`` and
+    ``landmark_stage`` default to the pipeline's (build them once for many calls).
     """
-    from ..runtime.crop import face_crops as crops_of
+    from ..runtime.detect import create_detector
     from ..runtime.image_io import load_image
+    from ..runtime.landmarks import LandmarkStage
+    from ..runtime.pipeline import face_crops as crops_of
 
-    batches, names = [], []
+    detector = detector or create_detector()
+    landmark_stage = landmark_stage or LandmarkStage()
+    batches, landmarks, names = [], [], []
     for path in images:
-        batch = crops_of(load_image(path), detector, size=size, max_faces=max_faces_per_photo)
+        batch, points = crops_of(load_image(path), detector=detector,
+                                 landmark_stage=landmark_stage, size=size,
+                                 max_faces=max_faces_per_photo)
         batches.append(batch)
+        landmarks.append(points)
         names += [f"{Path(path).name}#{k}" for k in range(len(batch))]
     if not names:
-        return np.zeros((0, 3, size, size), np.float32), names
-    return np.concatenate(batches), names
+        return (np.zeros((0, 3, size, size), np.float32), np.zeros((0, 68, 3), np.float32),
+                names)
+    return np.concatenate(batches), np.concatenate(landmarks), names
 
 
-def validate_against_reference(backend, reference_volumes: np.ndarray, batch: np.ndarray, *,
-                               level: float = 0.5, min_iou: float = MIN_IOU) -> dict:
-    """Run ``backend`` on ``batch`` one crop at a time and compare with
-    ``reference_volumes`` ``(N, D, H, W)`` (the fp32 reference's output for the same
-    crops).
+def validate_against_reference(backend, reference_volumes: np.ndarray, batch: np.ndarray,
+                               landmarks: np.ndarray, *, level: float = 0.5,
+                               min_iou: float = MIN_IOU) -> dict:
+    """Run ``backend`` on ``batch`` ``(N, 3, S, S)`` with its ``landmarks``
+    ``(N, 68, 3)`` crop pixels (ignored by a model that is not landmark-guided), one
+    crop at a time, and compare with ``reference_volumes`` ``(N, D, H, W)`` (the fp32
+    reference's output for the same crops).
 
     Returns ``{"crops", "iou_min", "iou_mean", "max_abs_diff", "passed", "per_crop"}``;
     ``passed`` means every crop's IoU is at least ``min_iou``.
     """
     if len(batch) == 0:
         raise ValueError("no face crops to validate on")
+    if len(landmarks) != len(batch):
+        raise ValueError(f"got {len(landmarks)} landmark sets for {len(batch)} crops")
     ious, max_diff = [], 0.0
     for i in range(len(batch)):
-        volume = np.asarray(backend.infer(batch[i:i + 1]))[0]
+        volume = np.asarray(backend.infer(batch[i:i + 1], landmarks[i:i + 1]))[0]
         ious.append(occupancy_iou(reference_volumes[i], volume, level=level))
         max_diff = max(max_diff, float(np.abs(reference_volumes[i] - volume).max()))
     return {"crops": len(ious), "iou_min": float(min(ious)), "iou_mean": float(np.mean(ious)),

@@ -30,10 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BenchSettings()
     p = argparse.ArgumentParser(
         prog="vrn-bench",
-        description="Time every stage of the per-frame pipeline (decode, detect, crop, "
-                    "infer, isosurface, colour, render) for each backend x precision x "
-                    "batch this machine can run, beside PyTorch eager fp32, skimage and "
-                    "PyMCubes. Prints a Markdown report; --json for machines.",
+        description="Time every stage of the per-frame pipeline (decode, detect, "
+                    "landmarks, crop, infer, isosurface, colour, render) for each backend "
+                    "x precision x batch this machine can run, beside PyTorch eager fp32, "
+                    "skimage and PyMCubes. Prints a Markdown report; --json for machines.",
         epilog="OMP_WAIT_POLICY is set to PASSIVE unless the environment sets it: "
                "spinning OpenMP threads make eager PyTorch tens of times slower on a "
                "busy CPU. The system block of the report records it.")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "printed unless --json -)")
     p.add_argument("--plot", metavar="OUT.png", help="per-stage latency plot (matplotlib)")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="where exported ONNX and int8 graphs are cached "
+                   help="where exported ONNX (VRN and landmark) and int8 graphs are cached "
                         "(default: $VRN_CACHE_DIR or ~/.cache/vrn-edge)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--results-md", nargs="?", const="benchmarks", metavar="DIR",

@@ -68,12 +68,13 @@ class _LandmarkCropReconstructor:
 
     def __call__(self, image: np.ndarray, photo_to_crop: np.ndarray, landmarks: np.ndarray):
         from ..kernels import marching_cubes, transform_vertices
-        from ..runtime.crop import invert_affine, to_network_input, warp_crop
+        from ..runtime.crop import (invert_affine, points_to_crop, to_network_input,
+                                    warp_crop)
 
         size = self.backend.input_size
         batch = to_network_input(warp_crop(image, photo_to_crop, size))
-        in_crop = landmarks[None, :, :2] @ photo_to_crop[:, :2].T + photo_to_crop[:, 2]
-        volume = np.asarray(self.backend.infer(batch, in_crop.astype(np.float32)))[0]
+        in_crop = points_to_crop(landmarks, photo_to_crop)[None].astype(np.float32)
+        volume = np.asarray(self.backend.infer(batch, in_crop))[0]
         vertices, faces = marching_cubes(volume, level=0.5)
         z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
         vertices = transform_vertices(vertices, invert_affine(photo_to_crop), z_scale=z_scale)

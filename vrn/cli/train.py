@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "random initialisation; their architecture replaces the options "
                             "above")
     model.add_argument("--bn-mode", default="instance", choices=["running", "instance"])
+    model.add_argument("--guidance-stage", type=float, default=0.5, metavar="FRACTION",
+                       help="landmark-guided models: the fraction of samples guided by the "
+                            "landmark stage run on the training image; the rest get the true "
+                            "landmarks plus noise (default: %(default)s)")
 
     run = p.add_argument_group("optimisation")
     run.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..model import VRNConfig
     from ..model.vrn import NUM_LANDMARKS
-    from ..train.loop import Augmentation, TrainConfig, train
+    from ..train.loop import Augmentation, Guidance, TrainConfig, train
 
     try:
         in_channels = 3 + NUM_LANDMARKS if args.architecture == "VRNGuided" else 3
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             augmentation=None if args.no_augment else Augmentation(), workers=args.workers,
             threads=args.threads, seed=args.seed, save_every=args.save_every,
             max_minutes=args.max_minutes, device=args.device, init_weights=args.init,
+            guidance=Guidance(stage=args.guidance_stage),
             provenance=args.provenance or f"vrn-train on {len(samples)} samples")
         result = train(samples, config, args.output, resume=args.resume,
                        progress=not args.no_progress)

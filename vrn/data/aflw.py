@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from ..errors import ImageError, VRNError
-from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix, warp_crop
+from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix, points_to_crop, warp_crop
 from .bfm import BFM, crop_rotation, pose_vertices
 from .voxelize import THICKNESS, VOLUME_DEPTH, column_runs
 
@@ -124,18 +124,7 @@ class AFLWFolder:
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rec = self.record(index)
         crop = warp_crop(rec.image, rec.photo_to_crop, self.size)
-        vertices = vertices_to_crop(rec.vertices, rec.photo_to_crop)
+        vertices = points_to_crop(rec.vertices, rec.photo_to_crop)
         runs = column_runs(vertices, self.bfm.triangles, rotation=crop_rotation(*rec.pose[:3]),
                            size=self.size, depth=self.depth, thickness=self.thickness)
         return crop, runs, vertices[self.bfm.landmarks].astype(np.float32)
-
-
-def vertices_to_crop(vertices: np.ndarray, photo_to_crop: np.ndarray) -> np.ndarray:
-    """Photo-pixel vertices ``(V, 3)`` -> crop pixels: ``(x, y)`` through the affine map,
-    ``z`` scaled by its ``sqrt|det A|`` (the inverse of
-    :func:`vrn.kernels.transform_vertices` up to the volume's 0.5 depth scale)."""
-    m = np.asarray(photo_to_crop, np.float64)
-    out = np.empty((len(vertices), 3), np.float64)
-    out[:, :2] = vertices[:, :2] @ m[:, :2].T + m[:, 2]
-    out[:, 2] = vertices[:, 2] * np.sqrt(abs(np.linalg.det(m[:, :2])))
-    return out

@@ -35,6 +35,8 @@ from .parity import (ParityReport, check_parity, format_table, onnxruntime_runne
 
 ONNX_NAME = "vrn.onnx"
 FP16_NAME = "vrn.fp16.onnx"
+LANDMARKS_ONNX_NAME = "landmarks.onnx"
+LANDMARKS_MAX_ABS_PX = 1e-2  # landmark parity: largest difference, 120-pixel crop frame
 REPORT_NAME = "export.json"
 REPORT_FORMAT = "vrn-export/1"
 ENGINE_MODES = ("auto", "yes", "no")
@@ -145,6 +147,7 @@ class Exporter:
             self.files.append(fp16_path)
             target = fp16_path
         engine_meta = self._engine_steps(target, inputs, trained=info.trained)
+        self._landmark_steps(engine_meta is not None)
         report = self._report(start, model=model, weights=weights, graph=graph,
                               engine=engine_meta)
         self._summary(report)
@@ -231,8 +234,8 @@ class Exporter:
 
         inputs, outputs = graph_io(proto)
         if len(inputs) not in (1, 2) or len(outputs) != 1 or len(inputs[0]["shape"]) != 4 \
-                or (len(inputs) == 2 and inputs[1]["shape"][1:] != [68, 2]):
-            raise ExportError(f"{path}: expected an (N, C, S, S) input (and (N, 68, 2) "
+                or (len(inputs) == 2 and inputs[1]["shape"][1:] != [68, 3]):
+            raise ExportError(f"{path}: expected an (N, C, S, S) input (and (N, 68, 3) "
                               "landmarks for a landmark-guided model) and one output")
         shape = inputs[0]["shape"]
         meta = {"metadata": {p.key: p.value for p in proto.metadata_props},
@@ -258,6 +261,60 @@ class Exporter:
         verdict = "pass" if report.passed else "below target, untrained weights"
         return report, (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
                         f"min IoU {report.min_iou:.5f}: {verdict}\n{table}")
+
+    def _landmark_steps(self, engine: bool) -> None:
+        """The landmark stage's graph (``landmarks.onnx``) next to the VRN's, checked
+        against PyTorch; with ``engine``, its fp32 TensorRT engine too, checked against
+        ONNX Runtime."""
+        from ..model.landmark_net import load_landmark_regressor
+        from .landmark_onnx import export_landmark_onnx
+
+        model = load_landmark_regressor()
+        path = self.outdir / LANDMARKS_ONNX_NAME
+        crops = np.random.default_rng(0).uniform(-1, 1, (self.max_batch, 3, 120, 120))
+        crops = crops.astype(np.float32)
+
+        def export():
+            with atomic_path(path) as tmp:
+                export_landmark_onnx(model, tmp, opset=self.opset)
+                message = f"batch 1..n, {_size(tmp)}"
+                if self.verify:
+                    with torch.no_grad():
+                        ref = model(torch.from_numpy(crops)).numpy()
+                    got = onnxruntime_runner(tmp)(crops)
+                    message += ", " + _landmark_parity("ONNX vs PyTorch", ref, got)
+            self.files.append(path)
+            return path, message
+
+        self._step("landmarks", export, slow=True)
+        if not engine:
+            return
+
+        def build():
+            from .engine_file import tensorrt_runtime
+            from .tensorrt_build import build_engine, engine_runner
+
+            engine_path = path.with_suffix(".engine")
+            with atomic_path(engine_path) as tmp:
+                try:
+                    built = build_engine(path, tmp, max_batch=self.max_batch,
+                                         workspace_gb=self.workspace_gb, precision="fp32",
+                                         timing_cache=self.outdir / "timing.cache")
+                    message = (f"{engine_path.name}: built in {built.build_seconds:.1f} s, "
+                               f"{_size(tmp)}")
+                    if self.verify:
+                        trt_engine = tensorrt_runtime().deserialize_cuda_engine(
+                            tmp.read_bytes())
+                        message += ", " + _landmark_parity(
+                            "TensorRT vs ONNX Runtime", onnxruntime_runner(path)(crops),
+                            engine_runner(trt_engine)(crops))
+                finally:
+                    sidecar_path(tmp).unlink(missing_ok=True)
+            write_text_atomic(sidecar_path(engine_path), built.metadata.to_json())
+            self.files += [engine_path, sidecar_path(engine_path)]
+            return engine_path, message
+
+        self._step("landmarks TRT", build, slow=True)
 
     def _engine_steps(self, onnx_path: Path, inputs, *, trained: bool):
         """Build the engine for ``onnx_path`` per ``self.engine``; returns its metadata
@@ -418,8 +475,9 @@ class Exporter:
             print(f"  {str(path):<48} {_size(path):>9}", file=self.out)
         for note in self.notes:
             print(f"note: {note}", file=self.out)
-        engines = [p for p in self.files if p.suffix == ".engine"]
-        onnx_files = [p for p in self.files if p.suffix == ".onnx"]
+        vrn_files = [p for p in self.files if not p.name.startswith("landmarks")]
+        engines = [p for p in vrn_files if p.suffix == ".engine"]
+        onnx_files = [p for p in vrn_files if p.suffix == ".onnx"]
         print("next:", file=self.out)
         if engines:
             print(f"  vrn-live --engine {engines[0]}", file=self.out)
@@ -433,7 +491,7 @@ def graph_io_shapes(graph) -> tuple[list[dict], list[dict]]:
     """Inputs and outputs of an :class:`~.onnx_export.OnnxExport` as report entries."""
     inputs = [{"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32"}]
     if graph.landmarks_name:
-        inputs.append({"name": graph.landmarks_name, "shape": [BATCH_DIM, 68, 2],
+        inputs.append({"name": graph.landmarks_name, "shape": [BATCH_DIM, 68, 3],
                        "dtype": "float32"})
     return (inputs,
             [{"name": graph.output_name, "shape": graph.output_shape, "dtype": "float32"}])
@@ -445,6 +503,18 @@ def _engine_summary(metadata) -> dict | None:
     from dataclasses import asdict
 
     return asdict(metadata)
+
+
+def _landmark_parity(name: str, reference: np.ndarray, candidate: np.ndarray) -> str:
+    """Compare landmark batches ``(N, 68, 3)``; :class:`ExportError` past
+    :data:`LANDMARKS_MAX_ABS_PX`."""
+    diff = float(np.abs(candidate - reference).max()) if np.isfinite(candidate).all() \
+        else float("inf")
+    if not diff < LANDMARKS_MAX_ABS_PX:
+        raise ExportError(f"landmarks {name}: max |diff| {diff:.2e} px over "
+                          f"{LANDMARKS_MAX_ABS_PX:g} px; nothing was written under the "
+                          "final name")
+    return f"{name} max |diff| {diff:.1e} px: pass"
 
 
 def _cached(runner):

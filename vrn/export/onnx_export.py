@@ -1,7 +1,7 @@
 """PyTorch model -> fp32 ONNX graph with a dynamic batch, checked op by op.
 
 The graph has the input ``image`` ``(N, 3, S, S)`` float32, RGB in [0, 1] (and, for a
-landmark-guided model, ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)``, whose
+landmark-guided model, ``landmarks`` ``(N, 68, 3)`` float32 crop pixels ``(x, y, z)``, whose
 heatmaps are rendered inside the graph), and one output ``volume`` ``(N, D, S, S)`` float32 occupancy in [0, 1] (``(D, H, W)`` per image,
 larger ``d`` nearer the camera), with ``1 <= N <= max_batch``. VRN-Multitask and
 VRN-Guided export the same single output: their heatmaps are intermediate tensors the
@@ -45,10 +45,11 @@ MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one self-contained file
 # regression that would cost time on the device.
 EXPECTED_OPS = frozenset({"Conv", "Relu", "Add", "Mul", "MaxPool", "Resize", "Sigmoid",
                           "InstanceNormalization", "Concat", "Shape"})
-# A landmark-guided graph also renders its heatmaps (Slice, Sub, Pow, Exp, Unsqueeze) and
-# smooths its logits along depth (Pad, Unsqueeze, a 3-D Conv, Squeeze).
-GUIDED_OPS = frozenset({"Slice", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad"})
-GUIDED_EXTRA = {"Conv": 1, "Mul": 3}
+# A landmark-guided graph also renders its heatmaps and depth field (Slice, Gather, Sub,
+# Pow, Exp, Unsqueeze, Softmax, reductions) and smooths its logits along depth (Pad, a
+# 3-D Conv, Squeeze). Its Mul count depends on the exporter's fusions and is not checked.
+GUIDED_OPS = frozenset({"Slice", "Gather", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad",
+                        "Softmax", "ReduceMax", "ReduceMin", "ReduceSum", "Abs"})
 
 
 class ChannelAffine(nn.Module):
@@ -156,13 +157,13 @@ def is_guided(model: nn.Module) -> bool:
 def example_inputs(model: nn.Module, batch: int = 1, *, device="cpu",
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
     """Random inputs for ``model``: ``(image (N, C, S, S),)`` in [0, 1], plus
-    ``landmarks (N, 68, 2)`` crop pixels for a landmark-guided model (a face-sized
+    ``landmarks (N, 68, 3)`` crop pixels for a landmark-guided model (a face-sized
     cloud about the crop's centre)."""
     channels, size = input_shape(model)
     image = torch.rand(batch, channels, size, size, generator=generator).to(device)
     if not is_guided(model):
         return (image,)
-    spread = torch.rand(batch, NUM_LANDMARKS, 2, generator=generator) - 0.5
+    spread = torch.rand(batch, NUM_LANDMARKS, 3, generator=generator) - 0.5
     landmarks = (size - 1) / 2 + spread * (90.0 * size / 192)
     return image, landmarks.to(device)
 
@@ -200,8 +201,8 @@ def expected_op_counts(prepared: nn.Module) -> dict[str, int]:
     counts = {"Conv": used(nn.Conv2d), "InstanceNormalization": used(BatchNorm2d),
               "Mul": used(ChannelAffine, "scale"), "BatchNormalization": 0}
     if is_guided(prepared):
-        for op, extra in GUIDED_EXTRA.items():
-            counts[op] += extra
+        counts["Conv"] += 1  # the depth smoothing (F.conv3d with a fixed kernel)
+        del counts["Mul"]
     return counts
 
 
@@ -239,7 +240,7 @@ def check_graph(proto: onnx.ModelProto, *, expected: dict[str, int],
                              f"the model implies {want}")
     want_in = [[BATCH_DIM, channels, size, size]]
     if guided:
-        want_in.append([BATCH_DIM, NUM_LANDMARKS, 2])
+        want_in.append([BATCH_DIM, NUM_LANDMARKS, 3])
     want_out = [[BATCH_DIM, out_depth, size, size]]
     for values, wants in ((inferred.graph.input, want_in), (inferred.graph.output, want_out)):
         if len(values) != len(wants):

@@ -44,7 +44,7 @@ Runner = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 @dataclass
 class ParityInput:
     """One named input batch: ``image`` ``(N, C, S, S)`` float32, RGB in [0, 1], and for
-    a landmark-guided model ``landmarks`` ``(N, 68, 2)`` float32 crop pixels."""
+    a landmark-guided model ``landmarks`` ``(N, 68, 3)`` float32 crop pixels."""
 
     label: str
     image: np.ndarray
@@ -134,20 +134,20 @@ def random_images(count: int, channels: int, size: int, *, seed: int = 0) -> lis
 def face_images(size: int) -> list[ParityInput]:
     """The packaged sample photo's face, cropped as the pipeline crops it (detection,
     landmarks, the landmark crop: :func:`vrn.runtime.pipeline.face_crops`): image
-    ``(1, 3, size, size)`` and landmarks ``(1, 68, 2)`` each."""
+    ``(1, 3, size, size)`` and landmarks ``(1, 68, 3)`` each."""
     from ..runtime.pipeline import face_crops
     from ..runtime.image_io import load_image, sample_image_path
 
     batch, landmarks = face_crops(load_image(sample_image_path()), size=size)
-    return [ParityInput(f"face {k}", crop[None], lm[None, :, :2])
+    return [ParityInput(f"face {k}", crop[None], lm[None])
             for k, (crop, lm) in enumerate(zip(batch, landmarks))]
 
 
 def random_landmarks(count: int, size: int, *, seed: int = 0) -> np.ndarray:
-    """``(count, 68, 2)`` float32 seeded random crop pixels about the crop's centre,
-    spread over a face-sized square (90 of 192 pixels)."""
+    """``(count, 68, 3)`` float32 seeded random crop pixels ``(x, y, z)`` about the
+    crop's centre, spread over a face-sized cube (90 of 192 pixels)."""
     rng = np.random.default_rng(seed)
-    spread = rng.random((count, 68, 2)) - 0.5
+    spread = rng.random((count, 68, 3)) - 0.5
     return ((size - 1) / 2 + spread * (90.0 * size / 192)).astype(np.float32)
 
 

@@ -274,7 +274,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
 def engine_runner(engine):
     """A parity runner (``(N, C, S, S)`` float32 and, for a landmark-guided engine,
-    ``(N, 68, 2)`` landmarks -> ``(N, D, S, S)`` float32) for an engine with one output,
+    ``(N, 68, 3)`` landmarks -> ``(N, D, S, S)`` float32) for an engine with one output,
     with device buffers from PyTorch (CUDA build) or, failing that, pycuda."""
     trt = import_tensorrt()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

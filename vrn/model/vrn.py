@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BN_MODES, BatchNorm2d, ConvBNReLU, Level, Residual
-from .heatmaps import DepthSmoothing, LandmarkHeatmaps
+from .heatmaps import DepthSmoothing, LandmarkDepth, LandmarkHeatmaps
 
 NUM_LANDMARKS = 68
 
@@ -222,27 +222,40 @@ class VRNGuided(nn.Module):
 
 
 class VRNLandmarkGuided(nn.Module):
-    """VRN guided by 68 landmarks given as an input (the default model's architecture).
+    """VRN guided by 68 3D landmarks given as an input (the default model's architecture).
 
     ``forward(image, landmarks)``: ``image`` ``(N, 3, S, S)`` float32 RGB in [0, 1] and
-    ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)`` -> occupancy
-    ``(N, out_depth, S, S)`` in [0, 1], ``(D, H, W)`` per image.
+    ``landmarks`` ``(N, 68, 3)`` float32 crop pixels ``(x, y, z)`` (z toward the camera,
+    any origin) -> occupancy ``(N, out_depth, S, S)`` in [0, 1], ``(D, H, W)`` per image.
 
-    The 68 Gaussian heatmaps (sigma :attr:`HEATMAP_SIGMA` crop pixels) are rendered inside
-    the graph and stacked with the image at the stem: the stem convolution (7x7, stride 2)
-    sees the image, and a 1x1 convolution sees the heatmaps sampled at its output pixels
-    (crop pixels ``0, 2, 4, ...``), i.e. one convolution over the stacked
-    ``3 + 68`` channels whose heatmap taps are its centre tap; a full 7x7 over 71
-    channels would cost 30 times the stem. The volume logits are smoothed along depth
-    (:class:`~.heatmaps.DepthSmoothing`, sigma :attr:`DEPTH_SIGMA` voxels) at the trunk's
-    resolution, then resized to ``S`` (bilinear, ``align_corners=True``) as in VRN.
-    ``self.vrn`` is a plain :class:`VRN` (``in_channels = 3``), so unguided weights
-    initialise it.
+    Guidance, all computed inside the graph from the landmarks:
+
+    - 68 Gaussian heatmaps (sigma :attr:`HEATMAP_SIGMA` crop pixels, as in the paper's
+      VRN-Guided) stacked with the image at the stem: the stem convolution (7x7,
+      stride 2) sees the image and a 1x1 convolution sees the heatmaps sampled at its
+      output pixels (crop pixels ``0, 2, 4, ...``), i.e. one convolution over the
+      stacked ``3 + 68`` channels whose heatmap taps are its centre tap (a full 7x7 over
+      71 channels would cost 30 times the stem);
+    - a smooth depth field and its coverage (:class:`~.heatmaps.LandmarkDepth`) on the
+      trunk's grid: added to the trunk's features (1x1 convolution) before the head,
+      and as a slab prior added to the head's logits, ``gain[d] * coverage * (T/2 -
+      |d - (depth - T/2)|)`` with ``T`` = :attr:`SLAB` voxels (positive inside a slab of
+      the targets' thickness behind the interpolated face surface, negative outside),
+      which places the face in depth without passing through the normalisations.
+
+    The volume logits are smoothed along depth (:class:`~.heatmaps.DepthSmoothing`, sigma
+    :attr:`DEPTH_SIGMA` voxels) on the trunk's grid, then resized to ``S`` (bilinear,
+    ``align_corners=True``) as in VRN. ``self.vrn`` is a plain :class:`VRN`
+    (``in_channels = 3``), so unguided weights initialise it; the guidance convolutions
+    start at zero and the slab prior at a weak gain (0.1).
     """
 
     architecture = "VRNLandmarkGuided"
     HEATMAP_SIGMA = 3.0
     DEPTH_SIGMA = 2.0
+    FRONT_MARGIN = 8  # the volume's nearest face point is at d = out_depth - 1 - 8
+    SLAB = 40.0  # the training targets' fill depth (vrn.data.voxelize.THICKNESS)
+    GAIN_SCALE = 10.0  # slab_gain is stored / GAIN_SCALE: it trains at a useful pace
 
     def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
         super().__init__()
@@ -253,10 +266,21 @@ class VRNLandmarkGuided(nn.Module):
         self.config = config
         self.vrn = VRN(config)
         stem_conv = self.vrn.stem[0]
-        self.heatmaps = LandmarkHeatmaps(config.input_size // 2, step=2.0,
-                                         sigma=self.HEATMAP_SIGMA)
+        s, trunk = config.input_size, config.input_size // 4
+        self.heatmaps = LandmarkHeatmaps(s // 2, step=2.0, sigma=self.HEATMAP_SIGMA)
         self.guide = nn.Conv2d(NUM_LANDMARKS, stem_conv.out_channels, 1, bias=False)
-        nn.init.zeros_(self.guide.weight)
+        self.depth = LandmarkDepth(trunk, step=(s - 1) / (trunk - 1),
+                                   anchor=config.out_depth - 1 - self.FRONT_MARGIN)
+        self.depth_guide = nn.Conv2d(2, config.features, 1, bias=False)
+        self.slab_gain = nn.Parameter(torch.full((config.out_depth,), 0.1 / self.GAIN_SCALE))
+        self.register_buffer("channel_depth", torch.arange(config.out_depth,
+                                                           dtype=torch.float32)
+                             .view(1, -1, 1, 1), persistent=False)
+        # The depth field enters the features at about unit scale.
+        self.register_buffer("field_scale", torch.tensor([1 / 64.0, 1.0]).view(1, 2, 1, 1),
+                             persistent=False)
+        for conv in (self.guide, self.depth_guide):
+            nn.init.zeros_(conv.weight)
         self.smooth = DepthSmoothing(self.DEPTH_SIGMA)
         set_bn_mode(self, bn_mode)
 
@@ -269,7 +293,13 @@ class VRNLandmarkGuided(nn.Module):
         x = stem[1:](x)
         for stack in self.vrn.stacks:
             x = x + stack(x)
-        return self.smooth(self.vrn.head(x))
+        field = self.depth(landmarks)                          # (N, 2, S/4, S/4) float32
+        x = x + self.depth_guide((field * self.field_scale.float()).to(x.dtype))
+        depth, cover = field[:, 0:1], field[:, 1:2]
+        half = self.SLAB / 2
+        gain = self.slab_gain.view(1, -1, 1, 1) * self.GAIN_SCALE
+        prior = gain * cover * (half - torch.abs(self.channel_depth - (depth - half)))
+        return self.smooth(self.vrn.head(x) + prior.to(x.dtype))
 
     def logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid output ``(N, out_depth, S, S)``."""

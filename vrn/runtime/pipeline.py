@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import NoFaceError
 from ..kernels import marching_cubes_batch, to_host, transform_vertices, vertex_colors
-from .crop import (CROP_SIZE, invert_affine, landmarks_crop_matrix, to_network_input,
-                   warp_crop)
+from .crop import (CROP_SIZE, invert_affine, landmarks_crop_matrix, points_to_crop,
+                   to_network_input, warp_crop)
 from .detect import FaceBox, create_detector
 from .image_io import as_rgb_uint8
 from .landmarks import LandmarkStage
@@ -88,8 +89,7 @@ class Reconstructor:
     detector : callable, optional
         ``detector(image) -> list[FaceBox]``, replacing the default.
     landmark_stage : LandmarkStage, optional
-        The 68-landmark stage (default: :class:`~vrn.runtime.landmarks.LandmarkStage` on
-        ONNX Runtime where the VRN backend is onnxruntime or auto on the CPU, else torch).
+        The 68-landmark stage (default: :func:`default_landmark_stage`).
     **backend_options
         Passed to :func:`~vrn.runtime.backends.create_backend` (``cuda_graphs``,
         ``provider``, ``cache_dir``).
@@ -108,10 +108,7 @@ class Reconstructor:
         self.backend = backend
         self.model_info = getattr(backend, "model_info", None)
         self.detector = detector or create_detector(detector_model)
-        if landmark_stage is None:
-            on_ort = getattr(backend, "name", "") == "onnxruntime"
-            landmark_stage = LandmarkStage("onnxruntime" if on_ort else "torch")
-        self.landmark_stage = landmark_stage
+        self.landmark_stage = landmark_stage or default_landmark_stage(backend)
         self.all_faces = all_faces
         self.level = level
         self.z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
@@ -121,7 +118,7 @@ class Reconstructor:
                  landmarks: np.ndarray | None = None) -> FrameResult:
         """Reconstruct the faces in ``image`` ``(H, W, 3)`` uint8 RGB (grayscale, RGBA
         and 16-bit arrays are converted). ``boxes`` skips detection (e.g. from a tracker);
-        ``landmarks`` ``(N, 68, 2+)`` photo pixels, one per box, skips the landmark stage.
+        ``landmarks`` ``(N, 68, 3)`` photo pixels, one per box, skips the landmark stage.
         A frame without faces gives a result with no faces."""
         timer = StageTimer()
         sync = _synchronize_device if self.on_gpu else None
@@ -178,24 +175,39 @@ class Reconstructor:
         self(blank, boxes=[FaceBox(size / 2, size / 2, size, size)])
 
 
+def default_landmark_stage(backend) -> LandmarkStage:
+    """The landmark stage to pair with a VRN backend: TensorRT when the backend runs an
+    engine and ``vrn-export`` left ``landmarks.engine`` beside it, ONNX Runtime beside
+    ONNX Runtime, else PyTorch."""
+    name = getattr(backend, "name", "")
+    if name == "tensorrt":
+        engine = Path(backend.path).with_name("landmarks.engine")
+        if engine.is_file():
+            return LandmarkStage("tensorrt", engine=engine)
+    if name == "onnxruntime":
+        return LandmarkStage("onnxruntime")
+    return LandmarkStage("torch")
+
+
 def landmark_crops(image: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE
                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The original crop of each face from its landmarks.
 
-    ``image`` ``(H, W, 3)`` uint8 RGB, ``landmarks`` ``(N, 68, 2+)`` photo pixels ->
-    ``(photo_to_crop matrices (2, 3) float64 per face, crops (N, size, size, 3) uint8,
-    landmarks in crop pixels (N, 68, 2) float32)``.
+    ``image`` ``(H, W, 3)`` uint8 RGB, ``landmarks`` ``(N, 68, 3)`` photo pixels ``(x, y,
+    z)`` -> ``(photo_to_crop matrices (2, 3) float64 per face, crops (N, size, size, 3)
+    uint8, landmarks in crop pixels (N, 68, 3) float32)`` (z scaled with the crop).
     """
     landmarks = np.asarray(landmarks, np.float64)
-    if landmarks.ndim != 3 or landmarks.shape[1:2] != (68,) or landmarks.shape[2] < 2:
-        raise ValueError(f"landmarks must be (N, 68, 2), got {landmarks.shape}")
-    if not np.isfinite(landmarks[..., :2]).all():
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 3):
+        raise ValueError(f"landmarks must be (N, 68, 3), got {landmarks.shape}")
+    if not np.isfinite(landmarks).all():
         raise ValueError("landmarks must be finite")
     matrices = [landmarks_crop_matrix(lm, size) for lm in landmarks]
     crops = np.stack([warp_crop(image, m, size) for m in matrices]) if matrices else \
         np.zeros((0, size, size, 3), np.uint8)
-    in_crop = np.stack([lm[:, :2] @ m[:, :2].T + m[:, 2] for lm, m in zip(landmarks, matrices)]
-                       ) if matrices else np.zeros((0, 68, 2))
+    in_crop = np.zeros((len(matrices), 68, 3))
+    for i, (lm, m) in enumerate(zip(landmarks, matrices)):
+        in_crop[i] = points_to_crop(lm, m)
     return matrices, crops, in_crop.astype(np.float32)
 
 
@@ -204,12 +216,12 @@ def face_crops(image: np.ndarray, *, detector=None, landmark_stage: LandmarkStag
                ) -> tuple[np.ndarray, np.ndarray]:
     """Network inputs for the faces in ``image`` ``(H, W, 3)`` uint8 RGB (largest
     first), made as the pipeline makes them: ``(crops (N, 3, size, size) float32 in
-    [0, 1], landmarks (N, 68, 2) float32 crop pixels)``. ``detector`` and
+    [0, 1], landmarks (N, 68, 3) float32 crop pixels)``. ``detector`` and
     ``landmark_stage`` default to the pipeline's."""
     detector = detector or create_detector()
     boxes = detector(image)[:max_faces]
     if not boxes:
-        return (np.zeros((0, 3, size, size), np.float32), np.zeros((0, 68, 2), np.float32))
+        return (np.zeros((0, 3, size, size), np.float32), np.zeros((0, 68, 3), np.float32))
     landmarks = (landmark_stage or LandmarkStage())(image, boxes)
     _, crops, crop_landmarks = landmark_crops(image, landmarks, size)
     return to_network_input(crops), crop_landmarks

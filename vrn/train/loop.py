@@ -18,7 +18,7 @@ with ``torchrun`` (PyTorch DDP).
 
 Samples are ``(image, runs)`` or ``(image, runs, landmarks)``: ``image`` ``(S, S, 3)``
 uint8 RGB crop, ``runs`` ``(K, 2, S, S)`` uint8 (:func:`vrn.data.voxelize.column_runs`),
-``landmarks`` ``(68, 2+)`` float crop pixels.
+``landmarks`` ``(68, 2 or 3)`` float crop pixels ``(x, y[, z])``.
 """
 
 from __future__ import annotations
@@ -59,31 +59,61 @@ class Augmentation:
 
 
 @dataclass
-class GuidanceNoise:
-    """How far the guiding landmarks of a landmark-guided model are moved from the truth
-    in training, in crop pixels, to look like the run-time landmark stage's: a shift
-    shared by all 68 points (standard deviation ``shared`` per axis), an independent
-    offset per point (``point``), a scale about their centre (``scale``, relative), and
-    in a fraction ``outlier`` of samples all of it doubled."""
+class Guidance:
+    """How the guiding landmarks of a landmark-guided model are made in training, so
+    that they look like the run-time landmark stage's (crop pixels ``(x, y, z)``).
 
+    ``stage``: the fraction of samples guided by :class:`~vrn.runtime.landmarks.
+    LandmarkStage` run on the (augmented) training image, from a crop box around the
+    true landmarks moved and scaled by a few percent (as a detector's box would be).
+    The rest get the true landmarks plus noise: a shift shared by all 68 points
+    (standard deviation ``shared`` per axis), an offset per point (``point``), a scale
+    about their centre (``scale``, relative), and in a fraction ``outlier`` of samples
+    all of it doubled. ``stage = 0`` is truth plus noise only; ``1`` the stage only.
+    """
+
+    stage: float = 0.5
     shared: float = 1.5
     point: float = 1.8
     scale: float = 0.03
     outlier: float = 0.1
 
-    def apply(self, landmarks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``landmarks`` ``(N, 68, 2)`` -> a noisy copy."""
-        n = landmarks.shape[0]
+    def __post_init__(self):
+        if not 0.0 <= self.stage <= 1.0:
+            raise ValueError(f"Guidance.stage must be in [0, 1], got {self.stage}")
+        self._stage = None
 
-        def normal(*shape):
-            return torch.randn(*shape, generator=generator)
+    def noisy(self, landmarks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``landmarks`` ``(68, 3)`` -> a copy with the noise above (float32)."""
+        gain = 2.0 if rng.random() < self.outlier else 1.0
+        centre = landmarks.mean(axis=0)
+        out = centre + (landmarks - centre) * (1.0 + self.scale * gain * rng.standard_normal())
+        out = out + gain * (self.shared * rng.standard_normal(3)
+                            + self.point * rng.standard_normal(landmarks.shape))
+        return out.astype(np.float32)
 
-        gain = 1.0 + (torch.rand(n, 1, 1, generator=generator) < self.outlier).float()
-        centre = landmarks.mean(dim=1, keepdim=True)
-        scale = 1.0 + self.scale * gain * normal(n, 1, 1)
-        noisy = centre + (landmarks - centre) * scale
-        noisy = noisy + gain * (self.shared * normal(n, 1, 2) + self.point * normal(n, 68, 2))
-        return noisy
+    def from_stage(self, image: np.ndarray, landmarks: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+        """The landmark stage on ``image`` ``(S, S, 3)`` float32 in [0, 1], around the
+        true ``landmarks`` ``(68, 3)``."""
+        from ..runtime.landmarks import LandmarkStage, landmarks_to_crop_box
+
+        if self._stage is None:
+            self._stage = LandmarkStage("torch")
+        box = landmarks_to_crop_box(landmarks)
+        centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2
+        centre = centre + rng.normal(0.0, 0.04, 2) * 2 * half
+        half = half * rng.uniform(0.92, 1.08)
+        pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+        found = self._stage.from_crop_boxes(pixels, np.concatenate([centre - half,
+                                                                    centre + half])[None])
+        return found[0].astype(np.float32)
+
+    def __call__(self, image: np.ndarray, landmarks: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+        if rng.random() < self.stage:
+            return self.from_stage(image, landmarks, rng)
+        return self.noisy(landmarks, rng)
 
 
 @dataclass
@@ -112,7 +142,7 @@ class TrainConfig:
     provenance: str = ""
     init_weights: str | None = None
     device: str | None = None
-    guidance_noise: GuidanceNoise = field(default_factory=GuidanceNoise)
+    guidance: Guidance = field(default_factory=Guidance)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,10 +154,10 @@ def augment_sample(image: np.ndarray, runs: np.ndarray, landmarks: np.ndarray | 
                    aug: Augmentation, rng: np.random.Generator, *, depth: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Apply one random joint augmentation to ``image`` ``(S, S, 3)`` uint8, ``runs``
-    ``(K, 2, S, S)`` uint8 and ``landmarks`` ``(68, 2)``; returns float32 image in
-    [0, 1], uint8 runs and float32 landmarks. Rotation is about the viewing axis, so
-    columns move whole (nearest neighbour); depth is scaled with the image about the
-    front anchor."""
+    ``(K, 2, S, S)`` uint8 and ``landmarks`` ``(68, 3)`` ``(x, y, z)``; returns float32
+    image in [0, 1], uint8 runs and float32 landmarks. Rotation is about the viewing
+    axis, so columns move whole (nearest neighbour); depth (and the landmarks' z) is
+    scaled with the image about the front anchor."""
     s = image.shape[0]
     c = (s - 1) / 2.0
     angle = rng.uniform(-aug.rotation, aug.rotation)
@@ -150,7 +180,10 @@ def augment_sample(image: np.ndarray, runs: np.ndarray, landmarks: np.ndarray | 
     stop = np.clip(np.round(anchor + scale * (warped[:, 1] - anchor)), 1, depth)
     runs = np.where(used[:, None], np.stack([start, stop], axis=1), 0).astype(np.uint8)
     if landmarks is not None:
-        landmarks = (landmarks[:, :2] @ m[:, :2].T + m[:, 2]).astype(np.float32)
+        moved = np.empty_like(landmarks, dtype=np.float32)
+        moved[:, :2] = landmarks[:, :2] @ m[:, :2].T + m[:, 2]
+        moved[:, 2:] = landmarks[:, 2:] * scale
+        landmarks = moved
     if rng.random() < aug.flip:
         img, runs = img[:, ::-1], runs[..., ::-1]
         if landmarks is not None:
@@ -171,11 +204,14 @@ FLIP_68 = np.array(
 
 class TrainingSet(torch.utils.data.Dataset):
     """Wraps an indexable of samples with augmentation; items are ``(image (3, S, S)
-    float32, runs (K, 2, S, S) uint8, landmarks (68, 2) float32 or NaN)``."""
+    float32, runs (K, 2, S, S) uint8, landmarks (68, 3) float32 or NaN)``. With
+    ``guidance`` (a :class:`Guidance`), the landmarks are those a landmark-guided model
+    is trained with, not the true ones."""
 
     def __init__(self, samples, augmentation: Augmentation | None, *, depth: int = 200,
-                 seed: int = 0):
+                 seed: int = 0, guidance: Guidance | None = None):
         self.samples = samples
+        self.guidance = guidance
         self.augmentation = augmentation
         self.depth = depth
         self.seed = seed
@@ -187,15 +223,21 @@ class TrainingSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         item = self.samples[index]
         image, runs = item[0], item[1]
-        landmarks = np.asarray(item[2], np.float32)[:, :2] if len(item) > 2 else None
+        landmarks = None
+        if len(item) > 2:
+            landmarks = np.full((NUM_LANDMARKS, 3), np.nan, np.float32)
+            given = np.asarray(item[2], np.float32)
+            landmarks[:, :given.shape[1]] = given[:, :3]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         if self.augmentation is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
             image, runs, landmarks = augment_sample(image, runs, landmarks, self.augmentation,
                                                    rng, depth=self.depth)
         else:
             image = image.astype(np.float32) / 255
         if landmarks is None:
-            landmarks = np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
+            landmarks = np.full((NUM_LANDMARKS, 3), np.nan, np.float32)
+        elif self.guidance is not None:
+            landmarks = self.guidance(image, landmarks, rng)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(np.ascontiguousarray(runs)), torch.from_numpy(landmarks))
 
@@ -236,7 +278,7 @@ def model_logits(model: nn.Module, x: torch.Tensor, size: int,
                  landmarks: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(volume logits (N, D, size, size), heatmap logits (N, 68, size, size) or None)``;
-    ``landmarks`` ``(N, 68, 2)`` crop pixels guide a landmark-guided model."""
+    ``landmarks`` ``(N, 68, 3)`` crop pixels guide a landmark-guided model."""
     arch = model.architecture
     if arch == "VRN":
         return _trunk_logits(model, x, size), None
@@ -280,8 +322,8 @@ def _init_prior_bias(model: nn.Module, dataset: TrainingSet, config: TrainConfig
 
 
 def _guided_from_unguided(unguided: nn.Module, config: TrainConfig) -> nn.Module:
-    """A landmark-guided model whose VRN starts as ``unguided``'s (the guide starts at
-    zero, so the first step reproduces the unguided model)."""
+    """A landmark-guided model whose VRN starts as ``unguided``'s (its guidance starts
+    at zero, or weak: see :class:`~vrn.model.VRNLandmarkGuided`)."""
     model = build_model(config.architecture, unguided.config, bn_mode=config.bn_mode)
     model.vrn.load_state_dict(unguided.state_dict())
     return model
@@ -350,12 +392,13 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed)
+    guided = model.architecture in GUIDED_ARCHITECTURES
+    dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed,
+                          guidance=config.guidance if guided else None)
     volume_net = getattr(model, "vrn", model)
     if not resume and not config.init_weights and hasattr(volume_net, "head"):
         _init_prior_bias(volume_net, dataset, config, cfg)
 
-    noise_generator = torch.Generator().manual_seed(config.seed + 7919 * state["step"] + rank)
     log_path = out_dir / LOG
     start = time.perf_counter()
     recent: list[float] = []
@@ -406,9 +449,7 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
                 t0 = time.perf_counter()
                 images = images.to(device, non_blocking=True)
                 targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
-                guide = None
-                if model.architecture in GUIDED_ARCHITECTURES:
-                    guide = config.guidance_noise.apply(landmarks, noise_generator).to(device)
+                guide = landmarks.to(device) if guided else None
                 volume, heat = model_logits(net.module if world > 1 else net, images, loss_size,
                                             guide)
                 volume_loss = F.binary_cross_entropy_with_logits(volume, targets)

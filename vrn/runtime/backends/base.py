@@ -12,7 +12,7 @@ class Backend(Protocol):
 
     ``infer(batch, landmarks=None, *, on_device=None)``: ``batch`` ``(N, 3, S, S)``
     float32 RGB in [0, 1] and, for a landmark-guided model (``guided`` is true),
-    ``landmarks`` ``(N, 68, 2)`` float32 crop pixels ``(x, y)`` (ignored by other models)
+    ``landmarks`` ``(N, 68, 3)`` float32 crop pixels ``(x, y, z)`` (ignored by other models)
     -> occupancy ``(N, D, S, S)`` float32 in [0, 1], ``(D, H, W)`` per image. A
     NumPy batch gives a NumPy volume; GPU backends also take CUDA arrays (torch tensors)
     and, with ``on_device=True`` (the default for a CUDA input), return the volume as a
@@ -42,18 +42,16 @@ class Backend(Protocol):
 
 
 def checked_landmarks(landmarks, batch_size: int) -> np.ndarray:
-    """``landmarks`` as a C-contiguous ``(N, 68, 2)`` float32 array (a ``(N, 68, 3)``
-    array loses its z), checked to match the batch and to be finite."""
+    """``landmarks`` as a C-contiguous ``(N, 68, 3)`` float32 array, checked to match the
+    batch and to be finite."""
     if landmarks is None:
         raise ValueError("this model is landmark-guided: infer() needs landmarks "
-                         "(N, 68, 2) crop pixels")
+                         "(N, 68, 3) crop pixels")
     if hasattr(landmarks, "detach"):
         landmarks = landmarks.detach().cpu().numpy()
-    landmarks = np.asarray(landmarks, dtype=np.float32)
-    if landmarks.ndim != 3 or landmarks.shape[1] != 68 or landmarks.shape[2] not in (2, 3) \
-            or landmarks.shape[0] != batch_size:
-        raise ValueError(f"landmarks must be ({batch_size}, 68, 2), got {landmarks.shape}")
-    landmarks = np.ascontiguousarray(landmarks[..., :2])
+    landmarks = np.ascontiguousarray(landmarks, dtype=np.float32)
+    if landmarks.shape != (batch_size, 68, 3):
+        raise ValueError(f"landmarks must be ({batch_size}, 68, 3), got {landmarks.shape}")
     if not np.isfinite(landmarks).all():
         raise ValueError("landmarks must be finite")
     return landmarks

@@ -33,6 +33,7 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
              "cpu": "CPUExecutionProvider"}
 CACHE_ENV = "VRN_CACHE_DIR"
 EXPORT_MAX_BATCH = 4
+EXPORT_VERSION = 2  # part of the cache key: bump when the exported graph's interface changes
 
 
 def default_cache_dir() -> Path:
@@ -66,7 +67,7 @@ def physical_cores() -> int:
 
 class OnnxRuntimeBackend:
     """An ``onnxruntime.InferenceSession`` over a VRN graph (input ``(N, 3, S, S)``, and
-    ``(N, 68, 2)`` landmarks for a landmark-guided model; one output ``(N, D, S, S)``; as
+    ``(N, 68, 3)`` landmarks for a landmark-guided model; one output ``(N, D, S, S)``; as
     :mod:`vrn.export.onnx_export` writes them).
 
     Parameters
@@ -134,9 +135,9 @@ class OnnxRuntimeBackend:
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.guided = len(inputs) == 2
         self.landmarks_name = inputs[1].name if self.guided else None
-        if self.guided and (len(inputs[1].shape) != 3 or tuple(inputs[1].shape[1:]) != (68, 2)):
+        if self.guided and (len(inputs[1].shape) != 3 or tuple(inputs[1].shape[1:]) != (68, 3)):
             raise VRNError(f"{path}: graph input {self.landmarks_name!r} has shape "
-                           f"{inputs[1].shape}, expected (N, 68, 2)")
+                           f"{inputs[1].shape}, expected (N, 68, 3)")
         in_shape, out_shape = inputs[0].shape, outputs[0].shape
         if len(in_shape) != 4 or in_shape[1] != 3 or not isinstance(in_shape[2], int):
             raise VRNError(f"{path}: graph input {self.input_name!r} has shape {in_shape}, "
@@ -174,7 +175,7 @@ class OnnxRuntimeBackend:
                 for batch, key in ((1, "min"), (1, "opt"), (EXPORT_MAX_BATCH, "max")):
                     dims = [f"{graph.input_name}:{batch}{shape}"]
                     if graph.landmarks_name:
-                        dims.append(f"{graph.landmarks_name}:{batch}x68x2")
+                        dims.append(f"{graph.landmarks_name}:{batch}x68x3")
                     profiles[f"trt_profile_{key}_shapes"] = ",".join(dims)
                 trt.update(profiles)
             if self._stream is not None:
@@ -190,8 +191,8 @@ class OnnxRuntimeBackend:
         ----------
         batch : (N, 3, S, S) float32 ndarray, or a CUDA array on a GPU provider
             RGB in [0, 1].
-        landmarks : (N, 68, 2) float32 array, optional
-            Crop pixels ``(x, y)``; required by a landmark-guided graph, else ignored.
+        landmarks : (N, 68, 3) float32 array, optional
+            Crop pixels ``(x, y, z)``; required by a landmark-guided graph, else ignored.
         on_device : bool, optional
             GPU providers: return a CUDA array (a torch tensor when torch has CUDA, else
             a numba device array) or a NumPy array. Default: the same kind as ``batch``.
@@ -328,7 +329,8 @@ def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
     info = model_info(model)
     key = hashlib.sha256()
     meta = info.to_metadata()
-    key.update(json.dumps({"meta": meta, "max_batch": max_batch, "opset": DEFAULT_OPSET},
+    key.update(json.dumps({"meta": meta, "max_batch": max_batch, "opset": DEFAULT_OPSET,
+                           "export": EXPORT_VERSION},
                           sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         key.update(name.encode())

@@ -80,10 +80,10 @@ class TensorRTBackend:
         self.landmarks_name = inputs[1] if self.guided else None
         if self.guided:
             lm_shape = tuple(self.engine.get_tensor_shape(self.landmarks_name))
-            if len(lm_shape) != 3 or lm_shape[1:] != (68, 2) or \
+            if len(lm_shape) != 3 or lm_shape[1:] != (68, 3) or \
                     self.engine.get_tensor_dtype(self.landmarks_name) != trt.DataType.FLOAT:
                 raise EngineError(f"{self.path}: input {self.landmarks_name!r} is not "
-                                  f"(N, 68, 2) float32 (shape {lm_shape})")
+                                  f"(N, 68, 3) float32 (shape {lm_shape})")
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))
         if len(in_shape) != 4 or in_shape[1] != 3 or len(out_shape) != 4:
@@ -163,8 +163,8 @@ class TensorRTBackend:
         ----------
         batch : (N, 3, S, S) float32 ndarray, torch CUDA tensor or numba device array
             RGB in [0, 1]. Batches larger than the engine's profile run in chunks.
-        landmarks : (N, 68, 2) float32 array, optional
-            Crop pixels ``(x, y)``; required by a landmark-guided engine, else ignored.
+        landmarks : (N, 68, 3) float32 array, optional
+            Crop pixels ``(x, y, z)``; required by a landmark-guided engine, else ignored.
         on_device : bool, optional
             Return a CUDA array (torch tensor, or numba device array without torch), or
             a NumPy array. Default: the kind of ``batch``. A CUDA result is ordered
@@ -232,7 +232,7 @@ class TensorRTBackend:
             raise EngineError(f"{self.path}: batch {n} is outside the engine's profile "
                               f"[{self.min_batch}, {self.max_batch}]")
         if self.guided:
-            if not self.context.set_input_shape(self.landmarks_name, (n, 68, 2)):
+            if not self.context.set_input_shape(self.landmarks_name, (n, 68, 3)):
                 raise EngineError(f"{self.path}: landmarks batch {n} is outside the "
                                   "engine's profile")
             self.context.set_tensor_address(self.landmarks_name, _pointer(guide))
@@ -259,7 +259,7 @@ class TensorRTBackend:
         torch = self._torch
         s = self.input_size
         static_in = self._empty((n, 3, s, s), np.float32)
-        static_guide = self._empty((n, 68, 2), np.float32) if self.guided else None
+        static_guide = self._empty((n, 68, 3), np.float32) if self.guided else None
         static_out = self._empty((n, self.out_depth, s, s), self._out_dtype)
         with torch.cuda.stream(self.stream):
             static_in.zero_()

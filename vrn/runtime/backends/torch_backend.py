@@ -75,8 +75,8 @@ class TorchBackend:
         ----------
         batch : (N, 3, S, S) float32 ndarray or torch.Tensor
             RGB in [0, 1].
-        landmarks : (N, 68, 2) float32 array, optional
-            Crop pixels ``(x, y)``; required by a landmark-guided model, else ignored.
+        landmarks : (N, 68, 3) float32 array, optional
+            Crop pixels ``(x, y, z)``; required by a landmark-guided model, else ignored.
         on_device : bool, optional
             Return a torch tensor on this backend's device (``True``) or a NumPy array
             (``False``). Default: the same kind as ``batch``.
@@ -133,7 +133,7 @@ class TorchBackend:
                                 dtype=self.dtype).contiguous(memory_format=torch.channels_last)
         static_guide = None
         if self.guided:
-            static_guide = torch.full((n, 68, 2), s / 2, device=self._torch_device)
+            static_guide = torch.full((n, 68, 3), s / 2, device=self._torch_device)
         side = torch.cuda.Stream(self._torch_device)
         side.wait_stream(torch.cuda.current_stream(self._torch_device))
         with torch.cuda.stream(side):  # warm-up (cuDNN autotuning) outside the capture
