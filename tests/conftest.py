@@ -40,3 +40,30 @@ def small_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "small.safetensors"
     save_checkpoint(model, path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def guided_model(config: dict, *, seed: int = 4, guidance_scale: float = 0.2):
+    """A seeded VRNLandmarkGuided (instance batch norm, evaluation mode) whose guidance
+    parameters, which start at zero or weak, are random, so that every guidance path
+    is exercised."""
+    from vrn.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("VRNLandmarkGuided", config, bn_mode="instance").eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.startswith("vrn."):
+                param.copy_(guidance_scale * torch.rand(param.shape, generator=gen)
+                            if name == "slab_gain" else
+                            guidance_scale * torch.randn(param.shape, generator=gen))
+    return model

@@ -237,15 +237,11 @@ def test_torch_backend_options(small_model, batch):
 def guided_weights(tmp_path_factory):
     """A small landmark-guided VRN with non-zero guidance (fresh models start with
     zero guidance, which would hide the landmarks' path), saved as a checkpoint."""
-    from vrn.model import build_model, save_checkpoint
+    from conftest import guided_model
 
-    torch.manual_seed(4)
-    model = build_model("VRNLandmarkGuided", SMALL, bn_mode="instance").eval()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # the guidance starts at zero
-            if not name.startswith("vrn.") and not param.any():
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    from vrn.model import save_checkpoint
+
+    model = guided_model(SMALL)
     path = tmp_path_factory.mktemp("guided") / "guided.safetensors"
     save_checkpoint(model, path)
     return path

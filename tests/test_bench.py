@@ -295,19 +295,15 @@ def guided_checkpoint(tmp_path_factory):
     """A small landmark-guided VRN with a gently image-dependent layer for a volume (as
     ``layered_checkpoint``) and non-zero guidance, so the landmarks shape the volume."""
     import torch
+    from conftest import guided_model
 
-    from vrn.model import build_model, save_checkpoint
+    from vrn.model import save_checkpoint
 
-    torch.manual_seed(4)
-    model = build_model("VRNLandmarkGuided", GUIDED_CONFIG, bn_mode="instance").eval()
+    model = guided_model(GUIDED_CONFIG, guidance_scale=0.1)
     head = model.vrn.head[-1]
-    gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         head.weight.mul_(0.05)
         head.bias.copy_(torch.linspace(3.0, -3.0, head.bias.numel()))
-        for name, param in model.named_parameters():  # the guidance starts at zero
-            if not name.startswith("vrn.") and not param.any():
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
     path = tmp_path_factory.mktemp("guided") / "guided.safetensors"
     save_checkpoint(model, path)
     return path

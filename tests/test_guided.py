@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import guided_model
 
 from vrn.model import VRN, VRNConfig, VRNLandmarkGuided, build_model, load_checkpoint, save_checkpoint
 from vrn.model.heatmaps import (DepthSmoothing, LandmarkDepth, LandmarkHeatmaps,
@@ -25,11 +26,8 @@ def _landmarks(n=2, size=192, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def test_graph_heatmaps_equal_numpy_heatmaps():
@@ -98,23 +96,11 @@ def test_guided_model_starts_as_its_unguided_vrn():
         VRNLandmarkGuided(VRNConfig(**{**SMALL, "in_channels": 71}))
 
 
-def _trained_looking(model):
-    """Non-zero guidance weights, so parity tests exercise every guidance path."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        model.guide.weight.copy_(0.2 * torch.randn(model.guide.weight.shape, generator=gen))
-        model.depth_guide.weight.copy_(
-            0.2 * torch.randn(model.depth_guide.weight.shape, generator=gen))
-        model.slab_gain.copy_(0.05 * torch.rand(model.slab_gain.shape, generator=gen))
-    return model
-
-
 def test_guided_export_parity_with_onnxruntime(tmp_path):
     from vrn.export.onnx_export import LANDMARKS_NAME, export_onnx
     from vrn.export.parity import check_parity, onnxruntime_runner, parity_inputs, torch_runner
 
-    torch.manual_seed(0)
-    model = _trained_looking(build_model("VRNLandmarkGuided", SMALL, bn_mode="instance").eval())
+    model = guided_model(SMALL, guidance_scale=0.05)
     path = tmp_path / "guided.onnx"
     graph = export_onnx(model, path, max_batch=3)
     assert graph.landmarks_name == LANDMARKS_NAME
@@ -133,8 +119,7 @@ def test_guided_fp16_graph_keeps_fp32_landmarks(tmp_path):
     from vrn.export.fp16 import export_fp16
     from vrn.export.onnx_export import export_onnx
 
-    torch.manual_seed(0)
-    model = _trained_looking(build_model("VRNLandmarkGuided", SMALL, bn_mode="instance").eval())
+    model = guided_model(SMALL, guidance_scale=0.05)
     export_onnx(model, tmp_path / "g.onnx", max_batch=2)
     export_fp16(tmp_path / "g.onnx", tmp_path / "g16.onnx")
     proto = onnx.load(str(tmp_path / "g16.onnx"))
@@ -152,8 +137,7 @@ def test_guided_fp16_graph_keeps_fp32_landmarks(tmp_path):
 def test_backends_need_landmarks_for_a_guided_model(tmp_path):
     from vrn.runtime.backends import create_backend
 
-    torch.manual_seed(0)
-    model = _trained_looking(build_model("VRNLandmarkGuided", SMALL, bn_mode="instance").eval())
+    model = guided_model(SMALL, guidance_scale=0.05)
     path = tmp_path / "g.safetensors"
     save_checkpoint(model, path)
     image = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)

@@ -14,12 +14,8 @@ from vrn.train.loop import (FLIP_68, Augmentation, TrainConfig, augment_sample,
                             heatmap_targets, train, volume_targets)
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 TINY = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
