@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="landmark-guided models: the fraction of samples guided by the "
                             "landmark stage run on the training image; the rest get the true "
                             "landmarks plus noise (default: %(default)s)")
+    model.add_argument("--guidance-blur", type=float, default=0.0, metavar="FRACTION",
+                       help="landmark-guided models: the fraction of samples whose image is "
+                            "blurred, to teach the network to lean on the landmarks "
+                            "(default: %(default)s)")
 
     run = p.add_argument_group("optimisation")
     run.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             augmentation=None if args.no_augment else Augmentation(), workers=args.workers,
             threads=args.threads, seed=args.seed, save_every=args.save_every,
             max_minutes=args.max_minutes, device=args.device, init_weights=args.init,
-            guidance=Guidance(stage=args.guidance_stage),
+            guidance=Guidance(stage=args.guidance_stage, blur=args.guidance_blur),
             provenance=args.provenance or f"vrn-train on {len(samples)} samples")
         result = train(samples, config, args.output, resume=args.resume,
                        progress=not args.no_progress)

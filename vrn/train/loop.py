@@ -70,6 +70,11 @@ class Guidance:
     (standard deviation ``shared`` per axis), an offset per point (``point``), a scale
     about their centre (``scale``, relative), and in a fraction ``outlier`` of samples
     all of it doubled. ``stage = 0`` is truth plus noise only; ``1`` the stage only.
+
+    ``blur``: the fraction of samples whose image is then blurred (Gaussian, sigma drawn
+    from ``blur_sigma`` crop pixels), so that the network learns to build the face from
+    the landmarks where the image says little: synthetic and real photos differ in
+    appearance, while the landmarks look the same in both.
     """
 
     stage: float = 0.5
@@ -77,10 +82,14 @@ class Guidance:
     point: float = 1.8
     scale: float = 0.03
     outlier: float = 0.1
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (4.0, 10.0)
 
     def __post_init__(self):
-        if not 0.0 <= self.stage <= 1.0:
-            raise ValueError(f"Guidance.stage must be in [0, 1], got {self.stage}")
+        for name in ("stage", "blur"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Guidance.{name} must be in [0, 1], got "
+                                 f"{getattr(self, name)}")
         self._stage = None
 
     def noisy(self, landmarks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -110,10 +119,16 @@ class Guidance:
         return found[0].astype(np.float32)
 
     def __call__(self, image: np.ndarray, landmarks: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``(image, guiding landmarks)`` for a sample: ``image`` ``(S, S, 3)`` float32,
+        possibly blurred; landmarks ``(68, 3)`` float32."""
         if rng.random() < self.stage:
-            return self.from_stage(image, landmarks, rng)
-        return self.noisy(landmarks, rng)
+            landmarks = self.from_stage(image, landmarks, rng)
+        else:
+            landmarks = self.noisy(landmarks, rng)
+        if rng.random() < self.blur:
+            image = cv2.GaussianBlur(image, (0, 0), rng.uniform(*self.blur_sigma))
+        return image, landmarks
 
 
 @dataclass
@@ -237,7 +252,7 @@ class TrainingSet(torch.utils.data.Dataset):
         if landmarks is None:
             landmarks = np.full((NUM_LANDMARKS, 3), np.nan, np.float32)
         elif self.guidance is not None:
-            landmarks = self.guidance(image, landmarks, rng)
+            image, landmarks = self.guidance(image, landmarks, rng)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(np.ascontiguousarray(runs)), torch.from_numpy(landmarks))
 
