@@ -49,7 +49,8 @@ EXPECTED_OPS = frozenset({"Conv", "Relu", "Add", "Mul", "MaxPool", "Resize", "Si
 # Pow, Exp, Unsqueeze, Softmax, reductions) and smooths its logits along depth (Pad, a
 # 3-D Conv, Squeeze). Its Mul count depends on the exporter's fusions and is not checked.
 GUIDED_OPS = frozenset({"Slice", "Gather", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad",
-                        "Softmax", "ReduceMax", "ReduceMin", "ReduceSum", "Abs"})
+                        "Softmax", "ReduceMax", "ReduceMin", "ReduceSum", "Abs",
+                        "Clip"})
 
 
 class ChannelAffine(nn.Module):
