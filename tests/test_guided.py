@@ -44,22 +44,37 @@ def test_graph_heatmaps_equal_numpy_heatmaps():
 
 def test_graph_depth_field_equals_numpy_and_interpolates():
     lm = _landmarks(2)
-    kwargs = dict(size=48, step=191 / 47, sigma=8.0, cover_sigma=16.0, anchor=191.0)
-    graph = LandmarkDepth(**{k: v for k, v in kwargs.items()})(torch.from_numpy(lm)).numpy()
-    reference = render_landmark_depth(lm, **kwargs)
-    np.testing.assert_allclose(graph, reference, rtol=1e-5, atol=1e-3)
-    # A flat set of landmarks gives a flat field at the anchor, covered on the points.
+    rng = np.random.default_rng(2)
+    points = rng.dirichlet(np.ones(68), size=64)  # affine combinations: rows sum to 1
+    points = 1.5 * points - 0.5 / 68              # some outside the landmarks' hull
+    kwargs = dict(size=48, step=191 / 47, sigma=4.0, nearness=0.1, cover_sigma=5.0,
+                  anchor=186.5)
+    module = LandmarkDepth(num_points=64, **kwargs)
+    with torch.no_grad():
+        module.points.copy_(torch.from_numpy(points).float())
+    graph = module(torch.from_numpy(lm)).numpy()
+    reference = render_landmark_depth(lm, points, **kwargs)
+    assert graph.shape == (2, 2, 48, 48)
+    np.testing.assert_allclose(graph, reference, rtol=1e-5, atol=2e-3)
+    # A flat face gives a flat field at the anchor, covered on its points only.
     flat = lm.copy()
     flat[..., 2] = 7.0
-    field = render_landmark_depth(flat, **kwargs)
-    np.testing.assert_allclose(field[:, 0], 191.0, atol=1e-3)
-    assert field[:, 1].max() > 0.9 and field[:, 1].min() < 0.2
-    # Nearer landmarks (larger z) raise the field where they are, at 2 voxels a pixel.
+    field = render_landmark_depth(flat, points, **kwargs)
+    np.testing.assert_allclose(field[:, 0], 186.5, atol=1e-3)
+    assert field[:, 1].max() > 0.9 and field[:, 1].min() < 0.01
+    # Nearer points (larger z) raise the field where they are, at 2 voxels a pixel.
     tilted = flat.copy()
     tilted[..., 2] = flat[..., 0]  # z grows to the right
-    field = render_landmark_depth(tilted, **kwargs)[0, 0]
-    assert field[24, 40] > field[24, 8]
-    assert field.max() <= 191.0 + 1e-3
+    field = render_landmark_depth(tilted, points, **kwargs)[0, 0]
+    assert field[24, 36] > field[24, 12] + 20
+    assert field.max() <= 186.5 + 1e-3
+    # The surface points follow a rotation of the landmarks exactly.
+    turn = np.array([[0.8, 0.0, 0.6], [0.0, 1.0, 0.0], [-0.6, 0.0, 0.8]])
+    with torch.no_grad():
+        moved = torch.matmul(module.points, torch.from_numpy(lm[0] @ turn.T).float())
+        expected = torch.matmul(module.points, torch.from_numpy(lm[0]).float()) @ \
+            torch.from_numpy(turn.T).float()
+    np.testing.assert_allclose(moved.numpy(), expected.numpy(), atol=1e-3)
 
 
 def test_depth_smoothing_is_normalised_and_keeps_a_ramp():

@@ -50,7 +50,7 @@ EXPECTED_OPS = frozenset({"Conv", "Relu", "Add", "Mul", "MaxPool", "Resize", "Si
 # 3-D Conv, Squeeze). Its Mul count depends on the exporter's fusions and is not checked.
 GUIDED_OPS = frozenset({"Slice", "Gather", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad",
                         "Softmax", "ReduceMax", "ReduceMin", "ReduceSum", "Abs",
-                        "Clip"})
+                        "Clip", "MatMul"})
 
 
 class ChannelAffine(nn.Module):

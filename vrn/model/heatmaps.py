@@ -57,75 +57,74 @@ class LandmarkHeatmaps(nn.Module):
         return gy.unsqueeze(-1) * gx.unsqueeze(-2)
 
 
-# The inner 51 of the 68 landmarks (brows, nose, eyes, mouth). The 17 jawline points are
-# left out of the depth field: on a turned face half of them lie on the hidden side, far
-# behind the visible cheek they project onto (on 40 synthetic faces the field's error
-# against the target's front surface falls from 19.3 to 11.9 voxels without them).
-DEPTH_LANDMARKS = (17, 68)
-
-
-def render_landmark_depth(landmarks: np.ndarray, *, size: int, step: float = 1.0,
-                          start: float = 0.0, sigma: float = 8.0, cover_sigma: float = 16.0,
-                          anchor: float = 191.0, depth_scale: float = 2.0) -> np.ndarray:
-    """NumPy twin of :class:`LandmarkDepth`: ``(N, 68, 3)`` -> ``(N, 2, size, size)``
-    float32."""
+def render_landmark_depth(landmarks: np.ndarray, points: np.ndarray, *, size: int,
+                          step: float = 1.0, start: float = 0.0, sigma: float = 4.0,
+                          nearness: float = 0.1, cover_sigma: float = 5.0,
+                          anchor: float = 186.5, depth_scale: float = 2.0) -> np.ndarray:
+    """NumPy twin of :class:`LandmarkDepth`: landmarks ``(N, 68, 3)`` and its surface
+    point weights ``points`` ``(J, 68)`` -> ``(N, 2, size, size)`` float32."""
     lm = np.asarray(landmarks, np.float64)
     if lm.ndim != 3 or lm.shape[1:] != (68, 3):
         raise ValueError(f"landmarks must be (N, 68, 3), got {lm.shape}")
-    lm = lm[:, DEPTH_LANDMARKS[0]:DEPTH_LANDMARKS[1]]
+    p = np.einsum("jk,nkc->njc", np.asarray(points, np.float64), lm)
     grid = start + step * np.arange(size, dtype=np.float64)
-    r2 = ((grid[None, None, :, None] - lm[..., 1, None, None]) ** 2
-          + (grid[None, None, None, :] - lm[..., 0, None, None]) ** 2)       # (N, K, S, S)
-    logits = -r2 / (2 * sigma ** 2)
+    r2 = ((grid[None, None, :, None] - p[..., 1, None, None]) ** 2
+          + (grid[None, None, None, :] - p[..., 0, None, None]) ** 2)       # (N, J, S, S)
+    z = p[..., 2] - p[..., 2].max(axis=1, keepdims=True)                    # (N, J)
+    logits = -r2 / (2 * sigma ** 2) + nearness * z[..., None, None]
     w = np.exp(logits - logits.max(axis=1, keepdims=True))
     w /= w.sum(axis=1, keepdims=True)
-    z = lm[..., 2]
-    front = depth_scale * (z - z.max(axis=1, keepdims=True)) + anchor
-    depth = (w * front[..., None, None]).sum(axis=1)
+    depth = (w * (anchor + depth_scale * z)[..., None, None]).sum(axis=1)
     cover = np.exp(-r2.min(axis=1) / (2 * cover_sigma ** 2))
     return np.stack([depth, cover], axis=1).astype(np.float32)
 
 
 class LandmarkDepth(nn.Module):
-    """A smooth face-depth field from 68 3D landmarks, for a volume's trunk grid.
+    """A face-depth field from 68 3D landmarks, for a volume's trunk grid.
 
     ``forward(landmarks (N, 68, 3) float32 crop px (x, y, z toward the camera)) ->
-    (N, 2, size, size)`` float32 on the grid ``start + step * arange(size)``, from the
-    inner 51 landmarks (:data:`DEPTH_LANDMARKS`):
+    (N, 2, size, size)`` float32 on the grid ``start + step * arange(size)``.
 
-    - channel 0: the depth index ``d`` of the face's front surface, interpolated from
-      the landmarks' (Gaussian-weighted average, weights ``softmax_k(-r_k^2 / (2
-      sigma^2))`` with ``r_k`` the distance to landmark ``k``), each landmark's ``d``
-      being ``anchor + depth_scale * (z_k - max_j z_j)``: the volume's frame, where the
-      face's nearest point is at ``anchor`` and depth runs at ``depth_scale`` voxels per
-      crop pixel;
-    - channel 1: coverage, ``exp(-min_k r_k^2 / (2 cover_sigma^2))``: 1 on the
-      landmarks, falling off away from them.
+    The landmarks first give ``J`` face-surface points, each a fixed affine combination
+    of them (``points`` ``(J, 68)``, rows summing to 1, fitted on BFM faces by
+    ``tools/fit_surface_points.py``; they follow any rotation, scale or shift of the
+    landmarks exactly). Then, per grid pixel:
 
-    Only depth differences between landmarks are used, so the z origin of the landmark
-    stage does not matter.
+    - channel 0: the depth index ``d`` of the face's front surface, a soft z-buffer of
+      the points: the average of their ``anchor + depth_scale * (z_j - max z)`` with
+      weights ``softmax_j(-r_j^2 / (2 sigma^2) + nearness * (z_j - max z))`` (``r_j``
+      the distance to point ``j``; ``nearness`` per crop pixel favours the visible
+      points over those of a turned face's hidden side). ``anchor`` is the volume's
+      front (``d`` of the nearest face point) less the field's mean bias on synthetic
+      faces;
+    - channel 1: coverage, ``exp(-min_j r_j^2 / (2 cover_sigma^2))``: about 1 on the
+      face, falling to 0 off it.
+
+    Only depth differences matter, so the z origin of the landmark stage does not.
     """
 
     def __init__(self, size: int, *, step: float = 1.0, start: float = 0.0,
-                 sigma: float = 8.0, cover_sigma: float = 16.0, anchor: float = 191.0,
-                 depth_scale: float = 2.0):
+                 num_points: int = 256, sigma: float = 4.0, nearness: float = 0.1,
+                 cover_sigma: float = 5.0, anchor: float = 186.5, depth_scale: float = 2.0):
         super().__init__()
         self.size, self.step, self.start = size, step, start
-        self.sigma, self.cover_sigma = sigma, cover_sigma
+        self.sigma, self.nearness, self.cover_sigma = sigma, nearness, cover_sigma
         self.anchor, self.depth_scale = anchor, depth_scale
+        # Fitted, not trained: a buffer keeps the rows' sum at 1 (see above).
+        self.register_buffer("points", torch.full((num_points, 68), 1.0 / 68))
         grid = start + step * torch.arange(size, dtype=torch.float32)
         self.register_buffer("grid", grid, persistent=False)
 
     def forward(self, landmarks: torch.Tensor) -> torch.Tensor:
         grid = self.grid.float()
-        lm = landmarks[:, DEPTH_LANDMARKS[0]:DEPTH_LANDMARKS[1]].float()
-        dx2 = (grid - lm[..., 0:1]) ** 2                                  # (N, K, S)
-        dy2 = (grid - lm[..., 1:2]) ** 2
-        r2 = dy2.unsqueeze(-1) + dx2.unsqueeze(-2)                        # (N, K, S, S)
-        w = torch.softmax(r2 * (-0.5 / self.sigma ** 2), dim=1)
-        z = lm[..., 2]
-        front = (z - z.amax(dim=1, keepdim=True)) * self.depth_scale + self.anchor
-        depth = (w * front[..., None, None]).sum(dim=1)
+        p = torch.matmul(self.points.float(), landmarks.float())           # (N, J, 3)
+        dx2 = (grid - p[..., 0:1]) ** 2                                      # (N, J, S)
+        dy2 = (grid - p[..., 1:2]) ** 2
+        r2 = dy2.unsqueeze(-1) + dx2.unsqueeze(-2)                           # (N, J, S, S)
+        z = p[..., 2] - p[..., 2].amax(dim=1, keepdim=True)                  # (N, J)
+        w = torch.softmax(r2 * (-0.5 / self.sigma ** 2)
+                          + (self.nearness * z)[..., None, None], dim=1)
+        depth = (w * (z * self.depth_scale + self.anchor)[..., None, None]).sum(dim=1)
         cover = torch.exp(r2.amin(dim=1) * (-0.5 / self.cover_sigma ** 2))
         return torch.stack([depth, cover], dim=1)
 

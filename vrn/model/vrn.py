@@ -263,7 +263,8 @@ class VRNLandmarkGuided(nn.Module):
     SLAB = 40.0  # the training targets' fill depth (vrn.data.voxelize.THICKNESS)
     GAIN_SCALE = 10.0  # slab_gain is stored / GAIN_SCALE: it trains at a useful pace
     FRONT_STEP = 16.0  # voxels per unit of the predicted front-surface correction
-    MASK_SCALE, MASK_CUT = 10.0, 0.35
+    MASK_SCALE, MASK_CUT = 10.0, 0.5
+    DEPTH_BIAS = 4.5  # voxels: the depth field's mean bias on synthetic faces
     CLAMP = 8.0  # voxels: how far the prior's ramps reach before they flatten
 
     def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
@@ -279,7 +280,8 @@ class VRNLandmarkGuided(nn.Module):
         self.heatmaps = LandmarkHeatmaps(s // 2, step=2.0, sigma=self.HEATMAP_SIGMA)
         self.guide = nn.Conv2d(NUM_LANDMARKS, stem_conv.out_channels, 1, bias=False)
         self.depth = LandmarkDepth(trunk, step=(s - 1) / (trunk - 1),
-                                   anchor=config.out_depth - 1 - self.FRONT_MARGIN)
+                                   anchor=config.out_depth - 1 - self.FRONT_MARGIN
+                                   - self.DEPTH_BIAS)
         self.depth_guide = nn.Conv2d(2, config.features, 1, bias=False)
         self.surface = nn.Conv2d(config.features, 3, 1)
         self.slab_gain = nn.Parameter(torch.full((config.out_depth,), 0.1 / self.GAIN_SCALE))
