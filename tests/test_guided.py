@@ -172,8 +172,19 @@ def test_backends_need_landmarks_for_a_guided_model(tmp_path):
         volumes[name] = backend.infer(image, lm)
     assert np.abs(volumes["torch"] - volumes["onnxruntime"]).max() < 1e-4
     # Unguided backends ignore landmarks.
-    plain = create_backend("torch", None)
+    from conftest import SMALL_CONFIG
+
+    plain = create_backend("torch", _unguided_checkpoint(tmp_path, SMALL_CONFIG))
     assert not plain.guided
+    batch = np.random.default_rng(0).random((2, 3, 192, 192), dtype=np.float32)
+    assert np.array_equal(plain.infer(batch, _landmarks(2)), plain.infer(batch))
+
+
+def _unguided_checkpoint(tmp_path, config):
+    torch.manual_seed(1)
+    path = tmp_path / "plain.safetensors"
+    save_checkpoint(set_instance(VRN(VRNConfig(**config))), path)
+    return path
 
 
 def test_landmark_crops_follow_the_original_rule(sample_image):
