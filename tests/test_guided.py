@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import guided_model
+from train_samples import disk_samples
 
 from vrn.model import VRN, VRNConfig, VRNLandmarkGuided, build_model, load_checkpoint, save_checkpoint
 from vrn.model.heatmaps import (DepthSmoothing, LandmarkDepth, LandmarkHeatmaps,
@@ -232,22 +233,6 @@ def test_pipeline_crops_the_bundled_photo_from_its_landmarks(sample_image, tmp_p
     assert "landmarks" in result.timings_ms
 
 
-def _samples(n=4, size=32):
-    rng = np.random.default_rng(0)
-    out = []
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        cx, cy, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
-        inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-        image = np.zeros((size, size, 3), np.uint8)
-        image[inside] = 120
-        runs = np.stack([np.where(inside, 2, 0), np.where(inside, 6, 0)])[None].astype(np.uint8)
-        lm = np.stack([rng.uniform(4, 28, 68), rng.uniform(4, 28, 68),
-                       rng.uniform(-3, 3, 68)], 1)
-        out.append((image, runs, lm.astype(np.float32)))
-    return out
-
-
 def test_guided_training_from_unguided_weights(tmp_path):
     from vrn.train.loop import Guidance, TrainConfig, train
 
@@ -259,7 +244,7 @@ def test_guided_training_from_unguided_weights(tmp_path):
                          lr=1e-3, save_every=1000, guidance=Guidance(stage=0.0),
                          init_weights=str(tmp_path / "plain.safetensors"))
     losses = []
-    result = train(_samples(), config, tmp_path / "run", progress=False,
+    result = train(disk_samples(), config, tmp_path / "run", progress=False,
                    log=lambda step, loss: losses.append(loss))
     assert result["steps"] == 6 and all(np.isfinite(losses))
     model = load_checkpoint(tmp_path / "run" / "last.safetensors")

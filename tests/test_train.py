@@ -7,6 +7,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from train_samples import disk_samples
 
 from vrn.data.voxelize import volume_from_runs
 from vrn.model import VRNConfig, load_checkpoint
@@ -22,22 +23,8 @@ TINY = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, re
                  residuals_b_innermost=1, out_depth=8, input_size=32)
 
 
-def _samples(n=4, size=32, depth=8):
-    """Disks whose brightness says how near they are: a learnable toy problem."""
-    rng = np.random.default_rng(0)
-    out = []
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        cx, cy, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
-        inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-        level = 3 + i % 5
-        image = np.zeros((size, size, 3), np.uint8)
-        image[inside] = 40 * level
-        runs = np.stack([np.where(inside, max(level - 3, 0), 0),
-                         np.where(inside, level, 0)])[None].astype(np.uint8)  # one run
-        landmarks = np.stack([rng.uniform(4, 28, 68), rng.uniform(4, 28, 68)], 1)
-        out.append((image, runs, landmarks.astype(np.float32)))
-    return out
+def _samples(n=4):
+    return disk_samples(n)
 
 
 def test_volume_targets_match_volume_from_runs():
@@ -74,7 +61,7 @@ def test_flip_mirrors_image_target_and_landmarks():
     flip = Augmentation(rotation=0, translation=0, scale=(1, 1), flip=1.0, color=(1, 1))
     img, runs2, lm2 = augment_sample(image, runs, lm, flip, np.random.default_rng(0), depth=8)
     np.testing.assert_array_equal(runs2, runs[..., ::-1])
-    np.testing.assert_allclose(lm2[FLIP_68[0]], [31 - lm[0, 0], lm[0, 1]], atol=1e-4)
+    np.testing.assert_allclose(lm2[FLIP_68[0]], [31 - lm[0, 0], lm[0, 1], lm[0, 2]], atol=1e-4)
     assert sorted(FLIP_68) == list(range(68)) and FLIP_68[36] == 45 and FLIP_68[48] == 54
 
 
