@@ -58,23 +58,23 @@ def load_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _LandmarkCropReconstructor:
-    """Reconstructs from a given crop matrix (the paper's protocol)."""
+    """Reconstructs from the crop of given landmarks (the paper's protocol), with the
+    pipeline's backend; a landmark-guided model is given the same landmarks."""
 
-    def __init__(self, weights, backend: str):
-        from ..runtime.backends import create_backend
+    def __init__(self, backend):
+        self.backend = backend
+        self.model_info = getattr(backend, "model_info", None)
 
-        self.backend = create_backend(backend, weights)
-        self.model_info = getattr(self.backend, "model_info", None)
-
-    def __call__(self, image: np.ndarray, photo_to_crop: np.ndarray, landmarks: np.ndarray):
+    def __call__(self, image: np.ndarray, landmarks: np.ndarray):
+        """``landmarks`` ``(68, 3)`` photo pixels -> ``(vertices, faces)`` photo pixels."""
         from ..kernels import marching_cubes, transform_vertices
-        from ..runtime.crop import (invert_affine, points_to_crop, to_network_input,
-                                    warp_crop)
+        from ..runtime.crop import invert_affine, to_network_input
+        from ..runtime.pipeline import landmark_crops
 
-        size = self.backend.input_size
-        batch = to_network_input(warp_crop(image, photo_to_crop, size))
-        in_crop = points_to_crop(landmarks, photo_to_crop)[None].astype(np.float32)
-        volume = np.asarray(self.backend.infer(batch, in_crop))[0]
+        matrices, crops, in_crop = landmark_crops(image, landmarks[None],
+                                                  self.backend.input_size)
+        photo_to_crop = matrices[0]
+        volume = np.asarray(self.backend.infer(to_network_input(crops), in_crop))[0]
         vertices, faces = marching_cubes(volume, level=0.5)
         z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
         vertices = transform_vertices(vertices, invert_affine(photo_to_crop), z_scale=z_scale)
@@ -100,7 +100,7 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
     pipeline = Reconstructor(weights, backend=backend)  # its detector and landmarks serve
     if not meshes:                                      # the "our pose" baseline too
         if crop == "landmarks":
-            recon = _LandmarkCropReconstructor(weights, backend)
+            recon = _LandmarkCropReconstructor(pipeline.backend)
         info = pipeline.model_info
         if info is not None:
             model_text = f"{info.architecture} ({info.provenance}), crop: {crop}"
@@ -146,7 +146,7 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
                     raise FileNotFoundError(f"{obj}: no mesh")
                 vertices, faces = load_obj(obj)
             elif recon is not None:
-                vertices, faces = recon(rec.image, rec.photo_to_crop, rec.annotated_landmarks
+                vertices, faces = recon(rec.image, rec.annotated_landmarks
                                         if rec.annotated_landmarks is not None
                                         else rec.landmarks)
             else:

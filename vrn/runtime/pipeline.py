@@ -205,10 +205,10 @@ def landmark_crops(image: np.ndarray, landmarks: np.ndarray, size: int = CROP_SI
     matrices = [landmarks_crop_matrix(lm, size) for lm in landmarks]
     crops = np.stack([warp_crop(image, m, size) for m in matrices]) if matrices else \
         np.zeros((0, size, size, 3), np.uint8)
-    in_crop = np.zeros((len(matrices), 68, 3))
+    in_crop = np.zeros((len(matrices), 68, 3), np.float32)
     for i, (lm, m) in enumerate(zip(landmarks, matrices)):
         in_crop[i] = points_to_crop(lm, m)
-    return matrices, crops, in_crop.astype(np.float32)
+    return matrices, crops, in_crop
 
 
 def face_crops(image: np.ndarray, *, detector=None, landmark_stage: LandmarkStage | None = None,

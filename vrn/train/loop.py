@@ -40,6 +40,7 @@ from ..atomic import atomic_path
 from ..data.voxelize import FRONT_MARGIN
 from ..model import (GUIDED_ARCHITECTURES, ModelInfo, VRNConfig, build_model, load_checkpoint,
                      load_model, save_checkpoint)
+from ..model.heatmaps import LandmarkHeatmaps
 from ..model.vrn import NUM_LANDMARKS
 
 CHECKPOINT = "last.safetensors"
@@ -275,13 +276,11 @@ def volume_targets(runs: torch.Tensor, *, depth: int, size: int) -> torch.Tensor
 
 def heatmap_targets(landmarks: torch.Tensor, *, input_size: int, size: int,
                     sigma: float = 3.0) -> torch.Tensor:
-    """Gaussian heatmaps ``(N, 68, size, size)`` of landmarks ``(N, 68, 2)`` crop pixels."""
-    grid = torch.arange(size, dtype=torch.float32) * (input_size - 1) / (size - 1)
-    x = landmarks[..., 0, None, None]
-    y = landmarks[..., 1, None, None]
-    g = torch.exp(-((grid[None, None, None, :] - x) ** 2 + (grid[None, None, :, None] - y) ** 2)
-                  / (2 * sigma ** 2))
-    return torch.nan_to_num(g, nan=0.0)
+    """Gaussian heatmaps ``(N, 68, size, size)`` of landmarks ``(N, 68, 2+)`` crop
+    pixels, sampled where ``align_corners=True`` resizing puts the ``size`` grid; missing
+    (NaN) landmarks give zero heatmaps."""
+    render = LandmarkHeatmaps(size, step=(input_size - 1) / (size - 1), sigma=sigma)
+    return torch.nan_to_num(render.to(landmarks.device)(landmarks[..., :2]), nan=0.0)
 
 
 def _trunk_logits(vrn: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
