@@ -63,7 +63,5 @@ def guided_model(config: dict, *, seed: int = 4, guidance_scale: float = 0.2):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.startswith("vrn."):
-                param.copy_(guidance_scale * torch.rand(param.shape, generator=gen)
-                            if name == "slab_gain" else
-                            guidance_scale * torch.randn(param.shape, generator=gen))
+                param.copy_(guidance_scale * torch.randn(param.shape, generator=gen))
     return model

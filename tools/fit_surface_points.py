@@ -7,7 +7,9 @@ expression drawn from the 300W-LP statistics, as the synthetic training faces ar
 The ``J`` points are spread evenly over the BFM face region (farthest-point sampling on
 the mean face). ``W`` ``(J, 68)`` is written into a ``VRNLandmarkGuided`` checkpoint's
 ``depth.points`` (a model parameter: it is BFM-derived like the rest of the trained
-weights), or printed as a summary.
+weights), with the slab prior's buffers (``prior.reference_pinv``: the pseudo-inverse of
+the mean face's centred frontal landmarks; ``prior.neighbours``: each point's 6 nearest
+points on the mean face), or printed as a summary.
 
 ``python tools/fit_surface_points.py --bfm-face DIR [--points 256] [--faces 3000]
 [--checkpoint IN.safetensors -o OUT.safetensors]`` (needs the BFM basis: ``pip install
@@ -56,6 +58,19 @@ def fit_weights(landmarks: np.ndarray, points: np.ndarray, ridge: float = 1e-3) 
     return w + (1.0 - w.sum(axis=1, keepdims=True)) / w.shape[1]
 
 
+def prior_reference(frontal_landmarks: np.ndarray, w: np.ndarray, neighbours: int = 6
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The slab prior's fitted buffers from a frontal landmark layout ``(68, 3)`` (crop
+    axes: x right, y down, z toward the camera): the pseudo-inverse ``(3, 68)`` of the
+    centred layout, and each surface point's ``neighbours`` nearest points ``(J, K)``."""
+    from scipy.spatial import cKDTree
+
+    centred = frontal_landmarks - frontal_landmarks.mean(axis=0)
+    points = w @ frontal_landmarks
+    _, table = cKDTree(points).query(points, neighbours + 1)
+    return np.linalg.pinv(centred), table[:, 1:].astype(np.int64)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -87,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         from vrn.model import load_checkpoint, save_checkpoint
 
         model = load_checkpoint(args.checkpoint)
+        # The BFM's model frame has y up; the crop's y points down.
+        frontal = bfm.mean[bfm.landmarks] * np.array([1.0, -1.0, 1.0])
+        pinv, table = prior_reference(frontal, w, model.prior.neighbours.shape[1])
         with torch.no_grad():
             model.depth.points.copy_(torch.from_numpy(w).float())
+            model.prior.reference_pinv.copy_(torch.from_numpy(pinv).float())
+            model.prior.neighbours.copy_(torch.from_numpy(table))
         save_checkpoint(model, args.output or args.checkpoint, info=model.info)
         print(f"wrote {args.output or args.checkpoint}")
     return 0

@@ -12,8 +12,9 @@ graph. The conversion here works per tensor, not per op pattern:
   graph output; :func:`check_io_float32` guards against that trap.
 
 Inputs that ONNX requires to stay float32 (``Resize``'s ``roi`` and ``scales``) stay
-float32. Ops outside :data:`FP16_OPS`, those named in ``keep_fp32``, and the nodes that
-read a graph input run in fp32.
+float32. Ops outside :data:`FP16_OPS`, those named in ``keep_fp32``, the nodes that
+read a graph input, and a guided model's guidance geometry (the nodes computed from the
+landmarks alone) run in fp32.
 
 The nodes reading the graph input (VRN's first convolution) stay fp32 so that the
 8-bit image reaches the network exactly (fp16 rounds ``k / 255`` by up to 1/16 of a
@@ -56,6 +57,22 @@ FP16_OPS = frozenset({
 })
 FP32_INPUTS = {"Resize": {1, 2}}  # roi, scales
 DEFAULT_KEEP_FP32 = ("InstanceNormalization",)
+
+
+def _geometry_nodes(graph: onnx.GraphProto) -> frozenset:
+    """First output names of the nodes computed from the landmarks input alone (a guided model's
+    guidance geometry: cheap, and it needs fp32's precision for crop coordinates)."""
+    from .onnx_export import INPUT_NAME, LANDMARKS_NAME
+
+    image, landmark = {INPUT_NAME}, {LANDMARKS_NAME}
+    names = set()
+    for node in graph.node:
+        if any(name in image for name in node.input):
+            image.update(node.output)
+        elif any(name in landmark for name in node.input):
+            landmark.update(node.output)
+            names.add(node.output[0])
+    return frozenset(names)
 
 
 @dataclass
@@ -103,11 +120,12 @@ def convert_to_fp16(proto: onnx.ModelProto, *, keep_fp32: tuple[str, ...] = DEFA
     is_float = {name for name, t in elem_type.items() if t == FLOAT}
     keep = frozenset(keep_fp32)
     keep_nodes = frozenset(keep_fp32_nodes)
+    geometry = _geometry_nodes(graph)
     graph_inputs = {value.name for value in graph.input}
 
     def runs_fp16(node):
         return (node.op_type in FP16_OPS and node.op_type not in keep
-                and node.name not in keep_nodes
+                and node.name not in keep_nodes and node.output[0] not in geometry
                 and not any(name in graph_inputs for name in node.input))
 
     def wanted_type(node, index):

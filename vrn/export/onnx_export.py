@@ -50,7 +50,8 @@ EXPECTED_OPS = frozenset({"Conv", "Relu", "Add", "Mul", "MaxPool", "Resize", "Si
 # 3-D Conv, Squeeze). Its Mul count depends on the exporter's fusions and is not checked.
 GUIDED_OPS = frozenset({"Slice", "Gather", "Sub", "Pow", "Exp", "Unsqueeze", "Squeeze", "Pad",
                         "Softmax", "ReduceMax", "ReduceMin", "ReduceSum", "Abs",
-                        "Clip", "MatMul"})
+                        "Clip", "MatMul", "Div", "Greater", "GridSample", "Min",
+                        "ReduceL2", "ReduceMean", "Reshape", "Transpose", "Where"})
 
 
 class ChannelAffine(nn.Module):

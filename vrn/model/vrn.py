@@ -17,6 +17,7 @@ from torch import nn
 
 from .blocks import BN_MODES, BatchNorm2d, ConvBNReLU, Level, Residual
 from .heatmaps import DepthSmoothing, LandmarkDepth, LandmarkHeatmaps
+from .slab_prior import SlabPrior
 
 NUM_LANDMARKS = 68
 
@@ -237,35 +238,28 @@ class VRNLandmarkGuided(nn.Module):
       stacked ``3 + 68`` channels whose heatmap taps are its centre tap (a full 7x7 over
       71 channels would cost 30 times the stem);
     - a smooth depth field and its coverage (:class:`~.heatmaps.LandmarkDepth`) on the
-      trunk's grid, added to the trunk's features (1x1 convolution) before the head.
+      trunk's grid, added to the trunk's features (1x1 convolution) before the head;
+    - the face slab prior (:class:`~.slab_prior.SlabPrior`): the target volume the
+      landmarks alone imply (the face's ``J`` surface points turned frontal, their
+      depth map, a slab of the targets' thickness, turned back), as logits on the
+      trunk's grid.
 
-    The volume is the head's 200 channels plus a slab prior, a structured term that
-    makes smooth surfaces easy to learn: from the trunk's features a 1x1 convolution
-    (:attr:`surface`) predicts, per trunk pixel, a correction to the landmark depth
-    field (the front surface ``F = depth + FRONT_STEP * s0`` voxels), the slab's
-    thickness along the viewing axis (``T = SLAB * exp(s1)``) and a correction to a face
-    mask made from the coverage (``M = sigmoid(MASK_SCALE * (coverage - MASK_CUT) +
-    s2)``); the prior is ``gain[d] * M * clip(T/2 - |d - (F - T/2)|, -CLAMP, CLAMP)``:
-    positive inside the slab ``F - T <= d <= F``, negative outside. These place the face
-    in depth without passing through the normalisations.
-
-    The volume logits are smoothed along depth (:class:`~.heatmaps.DepthSmoothing`, sigma
+    The volume's logits are ``head(features) + prior`` (the head is the image's
+    correction to the prior; the prior's weight is fixed: trained, cross-entropy shrinks
+    a gain on it until the head, which does not carry over from synthetic to real
+    photos as well as the prior does, decides the surface), smoothed along depth (:class:`~.heatmaps.DepthSmoothing`, sigma
     :attr:`DEPTH_SIGMA` voxels) on the trunk's grid, then resized to ``S`` (bilinear,
-    ``align_corners=True``) as in VRN. ``self.vrn`` is a plain :class:`VRN`
-    (``in_channels = 3``), so unguided weights initialise it; the guidance convolutions
-    start at zero and the slab prior at a weak gain (0.1).
+    ``align_corners=True``) as in VRN. The prior's ramps are linear in depth over
+    :attr:`~.slab_prior.SlabPrior.clamp` voxels, so the resize interpolates the surface
+    between trunk pixels instead of stepping. ``self.vrn`` is a plain :class:`VRN`
+    (``in_channels = 3``), so unguided weights initialise it.
     """
 
     architecture = "VRNLandmarkGuided"
     HEATMAP_SIGMA = 3.0
     DEPTH_SIGMA = 2.0
     FRONT_MARGIN = 8  # the volume's nearest face point is at d = out_depth - 1 - 8
-    SLAB = 40.0  # the training targets' fill depth (vrn.data.voxelize.THICKNESS)
-    GAIN_SCALE = 10.0  # slab_gain is stored / GAIN_SCALE: it trains at a useful pace
-    FRONT_STEP = 16.0  # voxels per unit of the predicted front-surface correction
-    MASK_SCALE, MASK_CUT = 10.0, 0.5
     DEPTH_BIAS = 4.5  # voxels: the depth field's mean bias on synthetic faces
-    CLAMP = 8.0  # voxels: how far the prior's ramps reach before they flatten
 
     def __init__(self, config: VRNConfig | None = None, bn_mode: str = "running"):
         super().__init__()
@@ -277,23 +271,18 @@ class VRNLandmarkGuided(nn.Module):
         self.vrn = VRN(config)
         stem_conv = self.vrn.stem[0]
         s, trunk = config.input_size, config.input_size // 4
+        front = config.out_depth - 1 - self.FRONT_MARGIN
         self.heatmaps = LandmarkHeatmaps(s // 2, step=2.0, sigma=self.HEATMAP_SIGMA)
         self.guide = nn.Conv2d(NUM_LANDMARKS, stem_conv.out_channels, 1, bias=False)
         self.depth = LandmarkDepth(trunk, step=(s - 1) / (trunk - 1),
-                                   anchor=config.out_depth - 1 - self.FRONT_MARGIN
-                                   - self.DEPTH_BIAS)
+                                   anchor=front - self.DEPTH_BIAS)
         self.depth_guide = nn.Conv2d(2, config.features, 1, bias=False)
-        self.surface = nn.Conv2d(config.features, 3, 1)
-        self.slab_gain = nn.Parameter(torch.full((config.out_depth,), 0.1 / self.GAIN_SCALE))
-        self.register_buffer("channel_depth", torch.arange(config.out_depth,
-                                                           dtype=torch.float32)
-                             .view(1, -1, 1, 1), persistent=False)
+        self.prior = SlabPrior(trunk, depth=config.out_depth, crop=s, front=front)
         # The depth field enters the features at about unit scale.
         self.register_buffer("field_scale", torch.tensor([1 / 64.0, 1.0]).view(1, 2, 1, 1),
                              persistent=False)
-        for conv in (self.guide, self.depth_guide, self.surface):
+        for conv in (self.guide, self.depth_guide):
             nn.init.zeros_(conv.weight)
-        nn.init.zeros_(self.surface.bias)
         self.smooth = DepthSmoothing(self.DEPTH_SIGMA)
         set_bn_mode(self, bn_mode)
 
@@ -308,13 +297,7 @@ class VRNLandmarkGuided(nn.Module):
             x = x + stack(x)
         field = self.depth(landmarks)                          # (N, 2, S/4, S/4) float32
         x = x + self.depth_guide((field * self.field_scale.float()).to(x.dtype))
-        s = self.surface(x).float()
-        front = field[:, 0:1] + self.FRONT_STEP * s[:, 0:1]
-        half = 0.5 * self.SLAB * torch.exp(torch.clamp(s[:, 1:2], -2.0, 2.0))
-        mask = torch.sigmoid(self.MASK_SCALE * (field[:, 1:2] - self.MASK_CUT) + s[:, 2:3])
-        inside = half - torch.abs(self.channel_depth - (front - half))
-        gain = self.slab_gain.view(1, -1, 1, 1) * self.GAIN_SCALE
-        prior = gain * mask * torch.clamp(inside, -self.CLAMP, self.CLAMP)
+        prior = self.prior(landmarks, self.depth.points)       # (N, D, S/4, S/4) float32
         return self.smooth(self.vrn.head(x) + prior.to(x.dtype))
 
     def logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
