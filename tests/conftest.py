@@ -53,7 +53,8 @@ def one_thread():
 
 def guided_model(config: dict, *, seed: int = 4, guidance_scale: float = 0.2):
     """A seeded VRNLandmarkGuided (instance batch norm, evaluation mode) whose guidance
-    parameters, which start at zero or weak, are random, so that every guidance path
+    parameters, which start at zero or weak, are random, and whose surface points are
+    distinct random affine combinations of the landmarks, so that every guidance path
     is exercised."""
     from vrn.model import build_model
 
@@ -64,4 +65,8 @@ def guided_model(config: dict, *, seed: int = 4, guidance_scale: float = 0.2):
         for name, param in model.named_parameters():
             if not name.startswith("vrn."):
                 param.copy_(guidance_scale * torch.randn(param.shape, generator=gen))
+        # Distinct surface points (the placeholder puts all of them on the centroid).
+        rng = np.random.default_rng(seed)
+        points = rng.dirichlet(np.ones(68), size=model.depth.points.shape[0])
+        model.depth.points.copy_(torch.from_numpy(points).float())
     return model

@@ -14,7 +14,7 @@ from train_samples import disk_samples
 
 from vrn.model import VRN, VRNConfig, VRNLandmarkGuided, build_model, load_checkpoint, save_checkpoint
 from vrn.model.heatmaps import (DepthSmoothing, LandmarkDepth, LandmarkHeatmaps,
-                                render_heatmaps, render_landmark_depth)
+                                PlaneSmoothing, render_heatmaps, render_landmark_depth)
 
 SMALL = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
              residuals_b_innermost=1, out_depth=16, input_size=64)
@@ -90,6 +90,18 @@ def test_depth_smoothing_is_normalised_and_keeps_a_ramp():
     assert 0 < blurred[19] < 5 < blurred[20] < 10
     assert blurred[0] == 0 and abs(blurred[-1] - 10) < 1e-5
     assert torch.equal(DepthSmoothing(0.0)(step), step)
+
+
+def test_plane_smoothing_keeps_planes_and_rounds_kinks():
+    smooth = PlaneSmoothing()
+    y, x = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+    plane = (3 * x - 2 * y + 5).expand(1, 4, 12, 12)
+    # A plane is unchanged away from the edges (symmetric, normalised kernel).
+    np.testing.assert_allclose(smooth(plane)[..., 1:-1, 1:-1].numpy(),
+                               plane[..., 1:-1, 1:-1].numpy(), atol=1e-5)
+    kink = torch.abs(x - 6).expand(1, 1, 12, 12)
+    out = smooth(kink)[0, 0]
+    assert abs(float(out[5, 6]) - 0.5) < 1e-6 and float(out[5, 3]) == 3.0
 
 
 def test_guided_model_starts_as_its_unguided_vrn():
@@ -251,6 +263,14 @@ def test_guided_training_from_unguided_weights(tmp_path):
     assert float(model.guide.weight.detach().abs().sum()) > 0  # the guidance learned something
     with open(tmp_path / "run" / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
+    # The slab prior's fitted buffers come from the package's default model.
+    from vrn.model.weights import load_model
+
+    default = load_model()
+    if default.info.architecture == "VRNLandmarkGuided":
+        for name in ("depth.points", "prior.reference_pinv", "prior.neighbours"):
+            np.testing.assert_allclose(model.state_dict()[name].numpy(),
+                                       default.state_dict()[name].numpy())
 
 
 def set_instance(model):

@@ -203,7 +203,7 @@ def expected_op_counts(prepared: nn.Module) -> dict[str, int]:
     counts = {"Conv": used(nn.Conv2d), "InstanceNormalization": used(BatchNorm2d),
               "Mul": used(ChannelAffine, "scale"), "BatchNormalization": 0}
     if is_guided(prepared):
-        counts["Conv"] += 1  # the depth smoothing (F.conv3d with a fixed kernel)
+        counts["Conv"] += 2  # the depth and plane smoothing (F.conv3d, fixed kernels)
         del counts["Mul"]
     return counts
 

@@ -152,3 +152,20 @@ class DepthSmoothing(nn.Module):
         x = logits.unsqueeze(1)                                   # (N, 1, D, H, W)
         x = F.pad(x, (0, 0, 0, 0, self.radius, self.radius), mode="replicate")
         return F.conv3d(x, self.kernel).squeeze(1)
+
+
+class PlaneSmoothing(nn.Module):
+    """A fixed ``[1, 2, 1] x [1, 2, 1] / 16`` blur of ``(N, D, H, W)`` logits over ``(H,
+    W)`` (edge values repeated): applied between two bilinear doublings of the volume,
+    it rounds the kinks that bilinear interpolation leaves at the coarse grid's nodes,
+    which shading shows as a grid of facets."""
+
+    def __init__(self):
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0]) / 4
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :]).view(1, 1, 1, 3, 3),
+                             persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        x = F.pad(logits.unsqueeze(1), (1, 1, 1, 1, 0, 0), mode="replicate")
+        return F.conv3d(x, self.kernel.to(logits.dtype)).squeeze(1)

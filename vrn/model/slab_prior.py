@@ -18,9 +18,14 @@ points, each a fixed affine combination of the landmarks (the ``points`` of
    at its edge;
 3. **volume**: each voxel ``(d, y, x)`` is the crop point ``(x, y, (d - front) / 2 +
    z_max)`` (depth at twice the pixel scale, the nearest point at ``d = front``),
-   turned frontal; its logit is ``clip(2 * min(zf - q_z, q_z - zf + thickness), -clamp,
-   clamp)`` voxels where the density at ``q`` exceeds ``cover_cut`` and ``outside``
-   elsewhere.
+   turned frontal; its logit is the smaller of the slab's ramp ``2 * min(zf - q_z, q_z -
+   zf + thickness)`` (voxels) and the face's edge ``edge_slope * (density(q) -
+   cover_cut)``, each clipped to ``[outside, clamp]``: the slab cut by a smooth wall
+   where the density falls to ``cover_cut``. Both terms are linear near the surface, so
+   interpolating the logits between grid points moves the surface smoothly. The result
+   is scaled by ``logit_scale`` (0.3 per voxel): a gentle slope keeps the sigmoid near
+   linear between neighbouring voxels where the surface is steep (a face's sides), so
+   that marching cubes, which interpolates the occupancy linearly, does not terrace it.
 
 Everything is a fixed function of the landmarks (no trained parameters): on the
 AFLW2000-3D sample, from our landmark stage, its isosurface alone scores an ICP NME of
@@ -77,12 +82,14 @@ class SlabPrior(nn.Module):
 
     def __init__(self, size: int, *, depth: int = 200, crop: int = 192, front: int = 191,
                  num_points: int = 256, neighbours: int = 6, map_size: int = 64,
-                 sigma: float = 2.5, nearness: float = 0.1, cover_sigma: float = 4.0,
-                 cover_cut: float = 1.0, thickness: float = 20.0, clamp: float = 30.0, outside: float = -8.0):
+                 sigma: float = 2.5, nearness: float = 0.1, cover_sigma: float = 5.0,
+                 cover_cut: float = 1.0, edge_slope: float = 30.0, thickness: float = 20.0,
+                 clamp: float = 30.0, outside: float = -30.0, logit_scale: float = 0.3):
         super().__init__()
         self.depth, self.front = depth, front
         self.sigma, self.nearness, self.cover_sigma = sigma, nearness, cover_sigma
-        self.cover_cut = cover_cut
+        self.cover_cut, self.edge_slope = cover_cut, edge_slope
+        self.logit_scale = logit_scale
         self.thickness, self.clamp, self.outside = thickness, clamp, outside
         pinv, table = _default_reference(num_points, neighbours)
         self.register_buffer("reference_pinv", torch.from_numpy(pinv))
@@ -98,24 +105,35 @@ class SlabPrior(nn.Module):
         density on the map grid."""
         g = self.map_grid
         j, k = self.neighbours.shape
-        near = (torch.index_select(frontal, 1, self.neighbours.reshape(-1)).reshape(-1, j, k, 3)
+        diff = (torch.index_select(frontal, 1, self.neighbours.reshape(-1)).reshape(-1, j, k, 3)
                 - frontal[:, :, None])
-        dx, dy, dz = near[..., 0], near[..., 1], near[..., 2]
+        dx, dy, dz = diff[..., 0], diff[..., 1], diff[..., 2]
         sxx, syy, sxy = (dx * dx).sum(-1), (dy * dy).sum(-1), (dx * dy).sum(-1)
         sxz, syz = (dx * dz).sum(-1), (dy * dz).sum(-1)
         det = torch.clamp(sxx * syy - sxy * sxy, min=0.0) + 1e-6 * (sxx + syy) ** 2 + 1e-3
-        gx = torch.clamp((syy * sxz - sxy * syz) / det, -3.0, 3.0)[..., None, None]
-        gy = torch.clamp((sxx * syz - sxy * sxz) / det, -3.0, 3.0)[..., None, None]
-        ox = (g - frontal[..., 0:1]).unsqueeze(-2)                     # (N, J, 1, M)
-        oy = (g - frontal[..., 1:2]).unsqueeze(-1)                     # (N, J, M, 1)
-        r2 = ox * ox + oy * oy                                         # (N, J, M, M)
-        z = frontal[..., 2]
-        planes = z[..., None, None] + gx * ox + gy * oy
-        rel = z - z.amax(dim=1, keepdim=True)
-        w = torch.softmax(r2 * (-0.5 / self.sigma ** 2)
-                          + (self.nearness * rel)[..., None, None], dim=1)
-        depth = (w * planes).sum(dim=1)
-        cover = torch.exp(r2 * (-0.5 / self.cover_sigma ** 2)).sum(dim=1)
+        gx = torch.clamp((syy * sxz - sxy * syz) / det, -3.0, 3.0)          # (N, J)
+        gy = torch.clamp((sxx * syz - sxy * sxz) / det, -3.0, 3.0)
+        # The Gaussian weights factor into x and y terms, so each sum over the points
+        # is one (M, J) @ (J, M) product instead of a (J, M, M) tensor. Coordinates are
+        # taken about the points' centre and top, which keeps the planes' offsets small.
+        x, y, z = frontal[..., 0:1], frontal[..., 1:2], frontal[..., 2]
+        cx, cy = x.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)   # (N, 1, 1)
+        top = z.amax(dim=1, keepdim=True)                                   # (N, 1)
+        gxs, gys = g - cx, g - cy                                           # (N, 1, M)
+        ex = torch.exp((gxs - (x - cx)) ** 2 * (-0.5 / self.sigma ** 2))    # (N, J, M)
+        ey = torch.exp((gys - (y - cy)) ** 2 * (-0.5 / self.sigma ** 2))
+        near = torch.exp(self.nearness * (z - top))                         # (N, J)
+        offset = (z - top) - gx * (x - cx)[..., 0] - gy * (y - cy)[..., 0]
+
+        def weighted(coef):                              # (N, J) -> (N, M, M) [y, x]
+            return torch.matmul((ey * coef.unsqueeze(-1)).transpose(1, 2), ex)
+
+        planes = (weighted(near * offset) + weighted(near * gx) * gxs
+                  + weighted(near * gy) * gys.transpose(1, 2))
+        depth = planes / torch.clamp(weighted(near), min=1e-30) + top.unsqueeze(-1)
+        cover_x = torch.exp((g - x) ** 2 * (-0.5 / self.cover_sigma ** 2))
+        cover_y = torch.exp((g - y) ** 2 * (-0.5 / self.cover_sigma ** 2))
+        cover = torch.matmul(cover_y.transpose(1, 2), cover_x)
         return torch.stack([depth, cover], dim=1)
 
     def forward(self, landmarks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -143,15 +161,17 @@ class SlabPrior(nn.Module):
         zf, cover = sampled[:, 0], sampled[:, 1]
         inside = torch.minimum(zf - qz, qz - zf + self.thickness)
         ramp = torch.clamp(2.0 * inside, -self.clamp, self.clamp)
-        return torch.where(cover > self.cover_cut, ramp, self.outside)
+        edge = torch.clamp(self.edge_slope * (cover - self.cover_cut), self.outside, self.clamp)
+        return self.logit_scale * torch.minimum(ramp, edge)
 
 
 def render_slab_prior(landmarks: np.ndarray, points: np.ndarray, reference_pinv: np.ndarray,
                       neighbours: np.ndarray, *, size: int, depth: int = 200, crop: int = 192,
                       front: int = 191, map_size: int = 64, sigma: float = 2.5,
-                      nearness: float = 0.1, cover_sigma: float = 4.0,
-                      cover_cut: float = 1.0, thickness: float = 20.0, clamp: float = 30.0,
-                      outside: float = -8.0) -> np.ndarray:
+                      nearness: float = 0.1, cover_sigma: float = 5.0,
+                      cover_cut: float = 1.0, edge_slope: float = 30.0,
+                      thickness: float = 20.0, clamp: float = 30.0,
+                      outside: float = -30.0, logit_scale: float = 0.3) -> np.ndarray:
     """NumPy twin of :class:`SlabPrior`: ``(N, 68, 3)`` landmarks -> ``(N, depth, size,
     size)`` float32 logits."""
     from scipy.ndimage import map_coordinates
@@ -197,5 +217,6 @@ def render_slab_prior(landmarks: np.ndarray, points: np.ndarray, reference_pinv:
         zf = map_coordinates(zmap, coords, order=1, mode="nearest").reshape(qx.shape)
         cover = map_coordinates(cmap, coords, order=1, mode="nearest").reshape(qx.shape)
         inside = np.minimum(zf - qz, qz - zf + thickness)
-        out[n] = np.where(cover > cover_cut, np.clip(2 * inside, -clamp, clamp), outside)
+        edge = np.clip(edge_slope * (cover - cover_cut), outside, clamp)
+        out[n] = logit_scale * np.minimum(np.clip(2 * inside, -clamp, clamp), edge)
     return out

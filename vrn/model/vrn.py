@@ -8,6 +8,7 @@ camera, so the volume is ``(D, H, W)`` per image.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BN_MODES, BatchNorm2d, ConvBNReLU, Level, Residual
-from .heatmaps import DepthSmoothing, LandmarkDepth, LandmarkHeatmaps
+from .heatmaps import DepthSmoothing, LandmarkDepth, LandmarkHeatmaps, PlaneSmoothing
 from .slab_prior import SlabPrior
 
 NUM_LANDMARKS = 68
@@ -222,6 +223,14 @@ class VRNGuided(nn.Module):
         return torch.sigmoid(volume), torch.sigmoid(heatmaps)
 
 
+def _float32_geometry(device_type: str):
+    """A context computing the landmark geometry in float32 under autocast (eager bf16 on
+    CPUs); elsewhere, exports included, it does nothing."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class VRNLandmarkGuided(nn.Module):
     """VRN guided by 68 3D landmarks given as an input (the default model's architecture).
 
@@ -248,8 +257,10 @@ class VRNLandmarkGuided(nn.Module):
     correction to the prior; the prior's weight is fixed: trained, cross-entropy shrinks
     a gain on it until the head, which does not carry over from synthetic to real
     photos as well as the prior does, decides the surface), smoothed along depth (:class:`~.heatmaps.DepthSmoothing`, sigma
-    :attr:`DEPTH_SIGMA` voxels) on the trunk's grid, then resized to ``S`` (bilinear,
-    ``align_corners=True``) as in VRN. The prior's ramps are linear in depth over
+    :attr:`DEPTH_SIGMA` voxels) on the trunk's grid, then resized to ``S`` in two
+    bilinear doublings (``align_corners=True``) with a small blur between them
+    (:class:`~.heatmaps.PlaneSmoothing`: VRN's single bilinear resize leaves the trunk's
+    grid visible in the shading; ONNX Runtime's bicubic resize costs 400 ms). The prior's ramps are linear in depth over
     :attr:`~.slab_prior.SlabPrior.clamp` voxels, so the resize interpolates the surface
     between trunk pixels instead of stepping. ``self.vrn`` is a plain :class:`VRN`
     (``in_channels = 3``), so unguided weights initialise it.
@@ -284,27 +295,36 @@ class VRNLandmarkGuided(nn.Module):
         for conv in (self.guide, self.depth_guide):
             nn.init.zeros_(conv.weight)
         self.smooth = DepthSmoothing(self.DEPTH_SIGMA)
+        self.plane_smooth = PlaneSmoothing()
         set_bn_mode(self, bn_mode)
 
     def trunk_logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Smoothed pre-sigmoid volume at the trunk's resolution ``(N, D, S/4, S/4)``."""
         self.vrn._check_input(image)
         stem = self.vrn.stem
-        heat = self.heatmaps(landmarks[..., :2]).to(image.dtype)
-        x = stem[0](image) + self.guide(heat)
+        with _float32_geometry(image.device.type):
+            heat = self.heatmaps(landmarks[..., :2])
+            field = self.depth(landmarks)                      # (N, 2, S/4, S/4) float32
+            prior = self.prior(landmarks, self.depth.points)   # (N, D, S/4, S/4) float32
+        x = stem[0](image) + self.guide(heat.to(image.dtype))
         x = stem[1:](x)
         for stack in self.vrn.stacks:
             x = x + stack(x)
-        field = self.depth(landmarks)                          # (N, 2, S/4, S/4) float32
         x = x + self.depth_guide((field * self.field_scale.float()).to(x.dtype))
-        prior = self.prior(landmarks, self.depth.points)       # (N, D, S/4, S/4) float32
         return self.smooth(self.vrn.head(x) + prior.to(x.dtype))
 
     def logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid output ``(N, out_depth, S, S)``."""
+        return self.resize(self.trunk_logits(image, landmarks))
+
+    def resize(self, trunk_logits: torch.Tensor) -> torch.Tensor:
+        """Trunk-grid logits ``(N, D, S/4, S/4)`` -> ``(N, D, S, S)``: two bilinear
+        doublings with :class:`~.heatmaps.PlaneSmoothing` between them."""
         size = self.config.input_size
-        return F.interpolate(self.trunk_logits(image, landmarks), size=(size, size),
-                             mode="bilinear", align_corners=True)
+        half = F.interpolate(trunk_logits, size=(size // 2, size // 2), mode="bilinear",
+                             align_corners=True)
+        return F.interpolate(self.plane_smooth(half), size=(size, size), mode="bilinear",
+                             align_corners=True)
 
     def forward(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(image, landmarks))

@@ -336,10 +336,26 @@ def _init_prior_bias(model: nn.Module, dataset: TrainingSet, config: TrainConfig
 
 
 def _guided_from_unguided(unguided: nn.Module, config: TrainConfig) -> nn.Module:
-    """A landmark-guided model whose VRN starts as ``unguided``'s (its guidance starts
-    at zero, or weak: see :class:`~vrn.model.VRNLandmarkGuided`)."""
+    """A landmark-guided model whose VRN trunk starts as ``unguided``'s; its guidance
+    convolutions and its head's last layer start at zero, so that it starts as the
+    landmarks' slab prior (see :class:`~vrn.model.VRNLandmarkGuided`), with the fitted
+    surface points and prior buffers of the package's default model."""
+    from safetensors.torch import load_file
+
+    from ..model.weights import default_weights_path
+
     model = build_model(config.architecture, unguided.config, bn_mode=config.bn_mode)
     model.vrn.load_state_dict(unguided.state_dict())
+    fitted = ("depth.points", "prior.reference_pinv", "prior.neighbours")
+    default = default_weights_path()
+    tensors = load_file(str(default)) if default is not None else {}
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in fitted:
+            if name in tensors and tensors[name].shape == state[name].shape:
+                state[name].copy_(tensors[name].to(state[name].dtype))
+        model.vrn.head[-1].weight.zero_()
+        model.vrn.head[-1].bias.zero_()
     return model
 
 
@@ -410,8 +426,8 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed,
                           guidance=config.guidance if guided else None)
     volume_net = getattr(model, "vrn", model)
-    if not resume and not config.init_weights and hasattr(volume_net, "head"):
-        _init_prior_bias(volume_net, dataset, config, cfg)
+    if not resume and not config.init_weights and not guided and hasattr(volume_net, "head"):
+        _init_prior_bias(volume_net, dataset, config, cfg)  # a guided model has its prior
 
     log_path = out_dir / LOG
     start = time.perf_counter()

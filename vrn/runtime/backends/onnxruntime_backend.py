@@ -33,7 +33,7 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
              "cpu": "CPUExecutionProvider"}
 CACHE_ENV = "VRN_CACHE_DIR"
 EXPORT_MAX_BATCH = 4
-EXPORT_VERSION = 2  # part of the cache key: bump when the exported graph's interface changes
+EXPORT_VERSION = 3  # part of the cache key: bump when the exported graph's interface changes
 
 
 def default_cache_dir() -> Path:
