@@ -186,3 +186,34 @@ def test_bad_metadata(tmp_path):
     wider = json.dumps({**VRNConfig(**SMALL).to_dict(), "out_depth": 9})
     with pytest.raises(WeightsError, match="tensor 'head.1.weight' has shape"):
         load_checkpoint(_rewrite(tmp_path, edit_meta=lambda m: m.update(config=wider)))
+
+
+@pytest.mark.parametrize("edit", [{"features": 8192}, {"num_stacks": 200000},
+                                  {"features": 2 ** 20}, {"hourglass_depth": 5000},
+                                  {"features": 1024, "num_stacks": 16}])
+def test_lying_architecture_fails_before_allocating(tmp_path, edit):
+    """A small file whose metadata claims a huge model is refused from its header, with
+    one clear error and no large allocation."""
+    import resource
+
+    config = json.dumps({**VRNConfig(**SMALL).to_dict(), **edit})
+    path = _rewrite(tmp_path, edit_meta=lambda m: m.update(config=config))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WeightsError):
+        load_checkpoint(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("z_scale", "nan", "z_scale must be finite and positive"),
+    ("z_scale", "inf", "z_scale must be finite and positive"),
+    ("z_scale", "-0.5", "z_scale must be finite and positive"),
+    ("bn_mode", "group", "bn_mode must be one of"),
+    ("color_order", "BGR", "color_order 'BGR' is not supported"),
+    ("input_range", "[0, 255]", r"input_range '\[0, 255\]' is not supported"),
+])
+def test_metadata_values_are_validated(tmp_path, key, value, match):
+    path = _rewrite(tmp_path, edit_meta=lambda m: m.update({key: value}))
+    with pytest.raises(WeightsError, match=match):
+        load_checkpoint(path)

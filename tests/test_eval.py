@@ -117,3 +117,34 @@ def test_vrn_eval_without_bfm_fails_cleanly(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("VRN_BFM_FACE_DIR", raising=False)
     assert main([str(tmp_path), "--bfm", str(tmp_path / "none")]) == 2
     assert "vrn-eval:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"MATLAB 5.0 MAT-file, garbage" + bytes(200)])
+def test_one_corrupt_mat_costs_one_row(tmp_path, capsys, content):
+    from vrn.cli.eval import main
+    from vrn.data.aflw import AFLWFolder
+    from vrn.data.bfm import load_bfm
+    from vrn.runtime.mesh import FaceMesh, save_mesh
+
+    basis, face = write_bfm(tmp_path / "bfm")
+    data_dir = tmp_path / "data"
+    write_aflw_sample(data_dir, "image00001")
+    write_aflw_sample(data_dir, "image00002")
+    bfm = load_bfm(basis, face)
+    rec = AFLWFolder(data_dir, bfm).record(1)
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    colors = np.zeros((len(rec.vertices), 3), np.uint8)
+    save_mesh(FaceMesh(rec.vertices.astype(np.float32), bfm.triangles, colors),
+              meshes / "image00002.obj")
+    (data_dir / "image00001.mat").write_bytes(content)
+    out_json = tmp_path / "nme.json"
+    code = main([str(data_dir), "--meshes", str(meshes), "--bfm", str(basis), "--bfm-face",
+                 str(face), "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "mean (1/2)" in captured.out and "Traceback" not in captured.err
+    assert "error: image00001.jpg:" in captured.err
+    results = json.loads(out_json.read_text())
+    assert results["failed"] == ["image00001.jpg"]
+    assert results["images"][1]["nme"] < 1e-3

@@ -190,7 +190,9 @@ def test_whitening_reader_refuses_code(tmp_path):
     assert mean.dtype == np.float32 and mean[5] == 5 and (std == 1).all()
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(b"cos\nsystem\n(S'echo hacked'\ntR.")  # os.system('echo hacked')
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    from vrn.errors import UnsafePickleError
+
+    with pytest.raises(UnsafePickleError, match="refusing to load global os.system"):
         tool.read_whitening(evil)
 
 

@@ -311,7 +311,10 @@ def test_tracker_associates_by_iou_and_drops_lost_faces():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_finalises_the_recording(tmp_path, plane_weights):
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_finalise_the_recording(tmp_path, plane_weights, signum, code,
+                                                   word):
     path = tmp_path / "long.avi"
     write_video(path, 400)
     record = tmp_path / "rec.mp4"
@@ -332,12 +335,14 @@ def test_ctrl_c_finalises_the_recording(tmp_path, plane_weights):
     deadline = time.time() + 60
     while time.time() < deadline and sum("[vrn-live] frame" in x for x in lines) < 3:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     proc.wait(timeout=30)
     reader.join(timeout=5)
-    assert proc.returncode == 0, proc.stderr.read()
+    err = proc.stderr.read()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
     out = "".join(lines)
-    assert "ended: interrupted" in out
+    assert f"ended: {word}" in out
     capture = cv2.VideoCapture(str(record))
     ok, frame = capture.read()
     assert ok and frame.shape == (FRAME_SIZE, 2 * FRAME_SIZE, 3)

@@ -103,3 +103,126 @@ def test_multiple_faces_go_through_as_one_batch(sample_image, small_checkpoint):
     assert calls == [(2, 3, 192, 192)]
     assert len(result.faces) == 2
     assert set(result.timings_ms) == set(STAGES)
+
+
+def _two_faces(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = cv2.imread(str(sample_image_path()))
+    for name in names:
+        cv2.imwrite(str(folder / name), photo)
+
+
+def test_shared_stems_never_overwrite(tmp_path, small_checkpoint, capsys):
+    """a/face.jpg, b/face.jpg and b/face.png all get their own mesh, and the count
+    printed is the files written."""
+    _two_faces(tmp_path / "a", ["face.jpg"])
+    _two_faces(tmp_path / "b", ["face.jpg", "face.png"])
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--weights",
+               str(small_checkpoint)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a_face_jpg.obj", "b_face_jpg.obj", "b_face_png.obj"]
+    assert "3 mesh(es) in 3 file(s)" in text
+    assert "another input has the stem 'face'" in text
+
+
+def test_second_face_and_a_like_named_photo_do_not_collide(tmp_path, capsys):
+    from vrn.cli.reconstruct import OutputNames
+
+    group, other = tmp_path / "group.jpg", tmp_path / "group_face1.jpg"
+    names = OutputNames([group, other])
+    assert names.claim(names.stem(group)) == "group"
+    assert names.claim(names.stem(group) + "_face1") == "group_face1"
+    assert names.claim(names.stem(other)) == "group_face1-2"
+
+
+def test_write_probe_never_follows_a_symlink(tmp_path, small_checkpoint):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".vrn-write-test").symlink_to(victim)
+    assert main(["--sample", "-o", str(out), "--weights", str(small_checkpoint)]) == 0
+    assert victim.read_text() == "keep me"
+    assert not any(p.name.startswith(".vrn-write-test.") for p in out.iterdir())
+
+
+def test_an_unexpected_error_on_one_image_is_one_line(tmp_path, small_checkpoint, capsys,
+                                                      monkeypatch):
+    import vrn.cli.reconstruct as cli
+
+    _two_faces(tmp_path / "in", ["a.jpg", "b.jpg"])
+    real = cli.save_mesh
+
+    def disk_full(mesh, path):
+        if path.stem == "a":
+            raise OSError(28, "No space left on device")
+        return real(mesh, path)
+
+    monkeypatch.setattr(cli, "save_mesh", disk_full)
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "in"), "-o", str(out), "--weights", str(small_checkpoint)])
+    captured = capsys.readouterr()
+    assert rc == 0 and (out / "b.obj").is_file()
+    assert "a.jpg: OSError: [Errno 28] No space left on device" in captured.err
+    assert "Traceback" not in captured.err
+    assert "1 image(s) with a mesh, 0 without, 1 failed" in captured.out
+    assert main([str(tmp_path / "in"), "-o", str(out), "--weights", str(small_checkpoint),
+                 "--strict"]) == 1
+
+
+def test_shared_reconstructor_matches_serial_meshes(small_checkpoint, sample_image):
+    """One Reconstructor used by 4 threads on 4 different photos: every mesh equals the
+    one a single thread makes (the README states it is safe to share)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recon = Reconstructor(small_checkpoint)
+    h, w = sample_image.shape[:2]
+    images = [sample_image, np.ascontiguousarray(sample_image[:, ::-1]),
+              cv2.resize(sample_image, (w * 3 // 4, h * 3 // 4)),
+              np.ascontiguousarray(sample_image[40:, 20:])]
+
+    def mesh(image):
+        (face,) = recon(image).faces
+        return face.mesh.vertices.copy(), face.mesh.faces.copy()
+
+    serial = [mesh(image) for image in images]
+    jobs = [i % 4 for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: mesh(images[i]), jobs))
+    for i, (vertices, faces) in zip(jobs, results):
+        np.testing.assert_array_equal(vertices, serial[i][0])
+        np.testing.assert_array_equal(faces, serial[i][1])
+
+
+@pytest.mark.parametrize("signum,code", [(2, 130), (15, 143)])  # SIGINT, SIGTERM
+def test_signals_stop_cleanly(tmp_path, small_checkpoint, signum, code):
+    """Ctrl-C or SIGTERM mid-batch: exit 130 / 143 with one line, every mesh written so
+    far complete, no temporary file left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _two_faces(tmp_path / "in", [f"p{i:02d}.jpg" for i in range(30)])
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "vrn.cli.reconstruct", str(tmp_path / "in"),
+                             "-o", str(out), "--weights", str(small_checkpoint)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("p*.obj")):
+        time.sleep(0.05)
+    proc.send_signal(signal.Signals(signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert ("terminated" if code == 143 else "interrupted") in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    meshes = list(out.glob("p*.obj"))
+    assert 1 <= len(meshes) < 30
+    for path in meshes:
+        assert len(trimesh.load(path, process=False).faces) > 100

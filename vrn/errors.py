@@ -23,3 +23,9 @@ class EngineError(VRNError):
 
 class BackendUnavailableError(VRNError):
     """An inference backend cannot run on this machine (library or device missing)."""
+
+
+class UnsafePickleError(VRNError, ValueError):
+    """A pickle that names a global other than NumPy's array rebuilders, holds anything
+    but plain containers of arrays, numbers and strings, or is truncated or corrupt
+    (also a ``ValueError``, for callers catching that)."""

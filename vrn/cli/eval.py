@@ -81,6 +81,11 @@ class _LandmarkCropReconstructor:
         return np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
 
 
+def _describe(exc: Exception) -> str:
+    """One line for an error: our own errors as they are, others with their type."""
+    return str(exc) if isinstance(exc, VRNError) else f"{type(exc).__name__}: {exc}"
+
+
 def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: str = "auto",
              crop: str = "pipeline", icp_iterations: int = 30, limit: int | None = None,
              progress: bool = True) -> dict:
@@ -110,9 +115,17 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="scoring", unit="image", file=sys.stderr)
     for i in iterator:
-        rec = data.record(i)
+        name = data.paths[i].name
+        try:
+            rec = data.record(i)
+        except Exception as exc:  # one corrupt .mat or image costs one row, not the run
+            failed.append(name)
+            rows.append({"image": name, "yaw_degrees": None, "nme": None, "nme_icp": None,
+                         "baseline_nme": None, "baseline_nme_icp": None,
+                         "ours_baseline_nme": None, "ours_baseline_nme_icp": None,
+                         "error": f"{name}: {_describe(exc)}"})
+            continue
         h, w = rec.image.shape[:2]
-        name = rec.path.name
         gt_faces = bfm.triangles
         base = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks,
                                   posed_mean_face(bfm, rec.pose, h), gt_faces, (h, w),
@@ -137,8 +150,8 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
                                           gt_faces, (h, w), icp_iterations=icp_iterations)
                 row["ours_baseline_nme"] = ours.depth_aligned
                 row["ours_baseline_nme_icp"] = ours.icp
-        except (VRNError, ValueError) as exc:
-            pipeline_error = f"{name}: {exc}"
+        except Exception as exc:
+            pipeline_error = f"{name}: {_describe(exc)}"
         try:
             if meshes:
                 obj = Path(meshes) / f"{rec.path.stem}.obj"
@@ -157,13 +170,15 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
             score = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks, vertices, faces,
                                        (h, w), icp_iterations=icp_iterations)
             row["nme"], row["nme_icp"] = score.depth_aligned, score.icp
-        except (VRNError, ValueError, FileNotFoundError) as exc:
+        except Exception as exc:
             failed.append(name)
-            row["error"] = str(exc)
+            row["error"] = str(exc) if isinstance(exc, (VRNError, FileNotFoundError)) else \
+                f"{name}: {_describe(exc)}"
         rows.append(row)
     scored = [r for r in rows if r["nme"] is not None]
     mean = {key: (float(np.mean([r[key] for r in scored])) if scored else None)
             for key in ("nme", "nme_icp", "baseline_nme", "baseline_nme_icp")}
+    mean["failed"] = len(failed)
     posed = [r for r in rows if r["ours_baseline_nme"] is not None]
     for key in ("ours_baseline_nme", "ours_baseline_nme_icp"):
         mean[key] = float(np.mean([r[key] for r in posed])) if posed else None
@@ -188,7 +203,8 @@ def format_table(results: dict) -> str:
                 f"{cell(r['ours_baseline_nme']):>9} {cell(r['ours_baseline_nme_icp']):>9}")
 
     for r in results["images"]:
-        lines.append(line(f"{r['image']:<18}{r['yaw_degrees']:>7.1f}", r))
+        yaw = "-" if r["yaw_degrees"] is None else f"{r['yaw_degrees']:.1f}"
+        lines.append(line(f"{r['image']:<18}{yaw:>7}", r))
     m = results["mean"]
     lines.append(line(f"mean ({m['scored']}/{m['images']})", m))
     lines.append("NME: mean distance from ground-truth vertices to the predicted surface / "

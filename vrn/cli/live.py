@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..errors import VRNError
+from ..signals import INTERRUPT_EXIT, TERMINATE_EXIT, interrupt_exit, interrupt_word, sigterm_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.detect_every < 1:
         print("vrn-live: --detect-every must be >= 1", file=sys.stderr)
         return 2
@@ -114,15 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     except VRNError as exc:
         print(f"vrn-live: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vrn-live: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"vrn-live: {interrupt_word(exc)}", file=sys.stderr)
+        return interrupt_exit(exc)
     finally:
         grabber.stop()
     print(format_summary(summary), flush=True)
     if summary.get("record"):
         print(f"recording: {summary['record']} ({summary['recorded_frames']} frames)")
-    return 0
+    # The loop ended on Ctrl-C or SIGTERM after finalising its outputs.
+    return {"interrupted": INTERRUPT_EXIT, "terminated": TERMINATE_EXIT}.get(
+        summary.get("ended"), 0)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -15,6 +18,7 @@ from ..errors import VRNError
 from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
 from ..runtime.image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
+from ..signals import interrupt_exit, interrupt_word, sigterm_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
                    metavar="T", help="least face detection score, 0-1 (default "
                                      f"{DEFAULT_SCORE_THRESHOLD}; lower finds more faces)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit non-zero if any image fails (default: only if none succeeds)")
     return p
+
+
+class OutputNames:
+    """Unique output stems for a batch of input images.
+
+    An image's stem is its file's stem; inputs that share one (``a/face.jpg`` and
+    ``b/face.jpg``, or ``face.jpg`` and ``face.png``) are written as
+    ``<folder>_<stem>_<extension>`` instead. Every name written is claimed, and a name
+    already taken (``group.jpg``'s second face ``group_face1`` beside ``group_face1.jpg``)
+    gets the first free ``-2``, ``-3``, ... suffix: nothing is overwritten.
+    """
+
+    def __init__(self, images: list[Path]):
+        shared = Counter(p.stem for p in images)
+        self._stems = {p: (p.stem if shared[p.stem] == 1 else
+                           f"{p.parent.name or 'root'}_{p.stem}_{p.suffix.lstrip('.').lower()}")
+                       for p in images}
+        self._taken: set[str] = set()
+
+    def stem(self, image: Path) -> str:
+        """The disambiguated stem of ``image`` (not claimed)."""
+        return self._stems[image]
+
+    def claim(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``, ... whichever is free first; now taken."""
+        candidate, k = name, 1
+        while candidate in self._taken:
+            k += 1
+            candidate = f"{name}-{k}"
+        self._taken.add(candidate)
+        return candidate
+
+
+def _check_writable(outdir: Path) -> None:
+    """Create ``outdir`` and prove it writable with an exclusive temporary file (never
+    through an existing name or symlink). Raises ``OSError``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".vrn-write-test.", dir=outdir)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():
+        try:
+            return _run(args)
+        except KeyboardInterrupt as exc:  # before the first image (loading the model)
+            print(f"vrn-reconstruct: {interrupt_word(exc)}", file=sys.stderr)
+            return interrupt_exit(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in MESH_FORMATS]
     if bad or not formats:
@@ -62,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outdir = Path(args.output)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        probe = outdir / ".vrn-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        _check_writable(outdir)
     except OSError as exc:
         print(f"vrn-reconstruct: cannot write to {outdir}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -90,46 +142,72 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: these weights are NOT trained (seeded random initialisation): the "
               "meshes show the pipeline working, not a face. Pass --weights for real output.")
 
-    produced = 0
+    names = OutputNames(images)
+    meshes = files = succeeded = faceless = 0
+    failed = len(problems)
     iterator = images
     if len(images) > 3:
         from tqdm import tqdm
         iterator = tqdm(images, desc="reconstructing", unit="image", file=sys.stderr)
     for path in iterator:
         try:
-            produced += _process(path, reconstructor, outdir, formats, args.preview)
+            written, written_files = _process(path, reconstructor, outdir, formats,
+                                              args.preview, names)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the current image is dropped
+            print(f"vrn-reconstruct: {interrupt_word(exc)} at {path}; {meshes} mesh(es) in "
+                  f"{files} file(s) written to {outdir}", file=sys.stderr)
+            return interrupt_exit(exc)
         except VRNError as exc:
             print(f"error: {exc}", file=sys.stderr)
-    print(f"{produced} mesh(es) from {len(images)} image(s) written to {outdir}")
-    return 0 if produced else 1
+            failed += 1
+            continue
+        except Exception as exc:  # one bad file (disk full, a decoder's refusal) is one line
+            print(f"error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        meshes += written
+        files += written_files
+        succeeded += written > 0
+        faceless += written == 0
+    print(f"{meshes} mesh(es) in {files} file(s) written to {outdir}: {succeeded} image(s) "
+          f"with a mesh, {faceless} without, {failed} failed")
+    if args.strict and failed:
+        return 1
+    return 0 if meshes else 1
 
 
 def _process(path: Path, reconstructor, outdir: Path, formats: list[str],
-             preview: bool) -> int:
+             preview: bool, names: OutputNames) -> tuple[int, int]:
+    """Reconstruct one photo; returns ``(meshes written, files written)``."""
     image = load_image(path)
     start = time.perf_counter()
     result = reconstructor(image)
     elapsed = (time.perf_counter() - start) * 1e3
     if not result.faces:
         print(f"{path}: no face found", file=sys.stderr)
-        return 0
-    written = 0
+        return 0, 0
+    base = names.stem(path)
+    if base != path.stem:
+        print(f"{path}: another input has the stem {path.stem!r}; written as {base!r}")
+    written = files = 0
     for i, face in enumerate(result.faces):
-        stem = path.stem if i == 0 else f"{path.stem}_face{i}"
         if face.mesh.is_empty:
             print(f"{path}: face {i}: the volume has no surface at level "
                   f"{reconstructor.level}; no mesh written", file=sys.stderr)
             continue
+        stem = names.claim(base if i == 0 else f"{base}_face{i}")
         for fmt in formats:
             save_mesh(face.mesh, outdir / f"{stem}.{fmt}")
+            files += 1
         written += 1
         print(f"{path}: face {i}: {len(face.mesh.vertices)} vertices, "
               f"{len(face.mesh.faces)} triangles -> {outdir / stem}.{formats[0]}")
     stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings_ms.items())
     print(f"{path}: {elapsed:.0f} ms ({stages} ms)")
     if preview and written:
-        _write_preview(image, result, outdir / f"{path.stem}_preview.png")
-    return written
+        _write_preview(image, result, outdir / f"{names.claim(base + '_preview')}.png")
+        files += 1
+    return written, files
 
 
 def _write_preview(image: np.ndarray, result, path: Path) -> None:

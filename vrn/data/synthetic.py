@@ -326,13 +326,20 @@ class CachedFaces:
         new = [p for p in sorted(self.folder.glob("faces-*.npz")) if p not in self._loaded]
         images, runs, landmarks = [], [], []
         for p in new:
-            with np.load(p) as z:
-                images.append(z["images"])
-                if "runs" not in z.files or z["runs"].ndim != 5:
-                    raise VRNError(f"{p}: a shard of an earlier cache format (no (N, K, 2, "
-                                   "S, S) 'runs'); render the cache again into a new folder")
-                runs.append(z["runs"])
-                landmarks.append(z["landmarks"].astype(np.float32))
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    images.append(z["images"])
+                    if "runs" not in z.files or z["runs"].ndim != 5:
+                        raise VRNError(f"{p}: a shard of an earlier cache format (no (N, K, 2, "
+                                       "S, S) 'runs'); render the cache again into a new "
+                                       "folder")
+                    runs.append(z["runs"])
+                    landmarks.append(z["landmarks"].astype(np.float32))
+            except ValueError as exc:  # an object array (never unpickled), a bad header
+                reason = " ".join(str(exc).split())
+                if "allow_pickle" in reason:
+                    reason = "holds an object array (pickles are not loaded)"
+                raise VRNError(f"{p}: not a faces shard ({reason})") from None
         if new:
             old = bool(self._loaded)
             self.images = np.concatenate(([self.images] if old else []) + images)

@@ -11,6 +11,7 @@ safetensors never executes code on load, so untrusted files are safe to open.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,12 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import WeightsError
+from .blocks import BN_MODES
 from .vrn import ARCHITECTURES, VRNConfig, build_model, set_bn_mode
 
 FORMAT = "vrn-edge-checkpoint/1"
+# The one input layout every backend feeds; checkpoints that declare another are refused.
+SUPPORTED_INPUT = {"color_order": "RGB", "input_range": "[0, 1]"}
 
 
 @dataclass
@@ -63,14 +67,25 @@ class ModelInfo:
         known = {"format", "architecture", "config", "landmark_config", "bn_mode",
                  "color_order", "input_range", "z_scale", "trained", "provenance"}
         landmark = meta.get("landmark_config")
+        z_scale = float(meta.get("z_scale", "0.5"))
+        if not math.isfinite(z_scale) or z_scale <= 0:
+            raise ValueError(f"z_scale must be finite and positive, got {z_scale}")
+        bn_mode = meta.get("bn_mode", "running")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {list(BN_MODES)}, got {bn_mode!r}")
+        for key, supported in SUPPORTED_INPUT.items():
+            if meta.get(key, supported) != supported:
+                raise ValueError(f"{key} {meta[key]!r} is not supported (the runtime feeds "
+                                 f"{SUPPORTED_INPUT['color_order']} in "
+                                 f"{SUPPORTED_INPUT['input_range']})")
         return cls(
             architecture=meta["architecture"],
             config=VRNConfig.from_dict(json.loads(meta["config"])),
             landmark_config=VRNConfig.from_dict(json.loads(landmark)) if landmark else None,
-            bn_mode=meta.get("bn_mode", "running"),
+            bn_mode=bn_mode,
             color_order=meta.get("color_order", "RGB"),
             input_range=meta.get("input_range", "[0, 1]"),
-            z_scale=float(meta.get("z_scale", "0.5")),
+            z_scale=z_scale,
             trained=meta.get("trained", "true") == "true",
             provenance=meta.get("provenance", ""),
             extra={k: v for k, v in meta.items() if k not in known},
@@ -142,6 +157,13 @@ def load_checkpoint(path: str | os.PathLike, *, bn_mode: str | None = None,
 
     path = _existing(path)
     info = read_checkpoint_info(path)
+    # The metadata is checked against the file's tensor shapes before anything is
+    # allocated: a small file claiming a huge architecture fails here, not after.
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in
+                  build_model(info.architecture, info.config,
+                              landmark_config=info.landmark_config).state_dict().items()}
+    _check_shapes(path, shapes)
     try:
         tensors = load_file(str(path), device=str(map_location))
     except Exception as exc:
@@ -149,22 +171,35 @@ def load_checkpoint(path: str | os.PathLike, *, bn_mode: str | None = None,
     model = build_model(info.architecture, info.config, landmark_config=info.landmark_config)
     expected = model.state_dict()
     for name, ref in expected.items():
-        if name not in tensors:
-            raise WeightsError(f"{path}: missing tensor {name!r} (shape {tuple(ref.shape)})")
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise WeightsError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)},"
-                               f" the architecture needs {tuple(ref.shape)}")
         tensors[name] = tensors[name].to(ref.dtype)
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise WeightsError(f"{path}: unexpected tensor {unexpected[0]!r} "
-                           f"({len(unexpected)} not in the architecture)")
     model.load_state_dict(tensors)
     if bn_mode is not None:
         info.bn_mode = bn_mode
     set_bn_mode(model, info.bn_mode)
     model.info = info
     return model.to(map_location).eval()
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Compare the tensor names and shapes in ``path``'s header with ``shapes`` (what
+    the architecture needs), reading no tensor data. Raises :class:`WeightsError`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:
+        raise WeightsError(f"{path}: truncated or corrupt safetensors data ({exc})") from None
+    for name, shape in shapes.items():
+        if name not in stored:
+            raise WeightsError(f"{path}: missing tensor {name!r} (shape {shape})")
+        if stored[name] != shape:
+            raise WeightsError(f"{path}: tensor {name!r} has shape {stored[name]}, the "
+                               f"architecture needs {shape}")
+    unexpected = sorted(set(stored) - set(shapes))
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected tensor {unexpected[0]!r} "
+                           f"({len(unexpected)} not in the architecture)")
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -23,6 +23,14 @@ from .slab_prior import SlabPrior
 NUM_LANDMARKS = 68
 
 
+# Upper bounds of the configuration fields: generous for any real VRN (the released one
+# has features 256, 2 stacks, depth 4, residuals 3/6/9), and they keep a checkpoint's
+# metadata from asking for an absurd model.
+CONFIG_LIMITS = {"in_channels": 512, "features": 2048, "num_stacks": 16, "hourglass_depth": 8,
+                 "residuals_a": 64, "residuals_b": 64, "residuals_b_innermost": 64,
+                 "out_depth": 1024, "input_size": 1024}
+
+
 @dataclass(frozen=True)
 class VRNConfig:
     """Architecture of one VRN trunk and head.
@@ -54,6 +62,13 @@ class VRNConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"VRNConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in CONFIG_LIMITS.items():
+            if getattr(self, name) > most:
+                raise ValueError(f"VRNConfig.{name} must be <= {most}, got "
+                                 f"{getattr(self, name)}")
+        for name in ("residuals_a", "residuals_b"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"VRNConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.features % 4:
             raise ValueError(f"VRNConfig.features must be a multiple of 4, got {self.features}")
         if self.input_size % 8:

@@ -10,7 +10,9 @@ A live source that stops delivering frames (read fails or raises) is reopened wi
 exponential back-off; after ``reconnect_attempts`` failed reopenings the grabber ends
 cleanly and :attr:`FrameGrabber.error` says why. A file simply ends.
 
-Frames are ``(H, W, 3)`` uint8 RGB, like everything else in :mod:`vrn.runtime`.
+Frames are ``(H, W, 3)`` uint8 RGB, like everything else in :mod:`vrn.runtime`, and at
+most :data:`~vrn.runtime.image_io.MAX_PIXELS` pixels (``VRN_MAX_PIXELS``): a source whose
+frames are larger fails with :class:`CaptureError`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import cv2
 import numpy as np
 
 from ..errors import VRNError
+from .image_io import pixel_limit
 
 
 class CaptureError(VRNError):
@@ -57,10 +60,12 @@ def is_live_source(source: str | int) -> bool:
     return isinstance(source, int) or "://" in str(source)
 
 
-def open_video_source(source: str | int):
+def open_video_source(source: str | int, *, max_pixels: int | None = None):
     """A ``cv2.VideoCapture`` for ``source``; :class:`CaptureError` when it cannot be
-    opened, naming the source and the likely reason."""
+    opened, naming the source and the likely reason, or when the frame size it reports is
+    over ``max_pixels`` (default ``$VRN_MAX_PIXELS`` or 50 megapixels)."""
     source = parse_source(source)
+    max_pixels = pixel_limit(max_pixels)
     if isinstance(source, str) and "://" not in source:
         path = Path(source)
         if not path.is_file():
@@ -73,7 +78,20 @@ def open_video_source(source: str | int):
                                "use by another program)")
         raise CaptureError(f"{source}: cannot open video source (not a video OpenCV can "
                            "decode, or the stream is unreachable)")
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)  # 0 when not reported
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    try:
+        _check_frame_size(source, width, height, max_pixels)
+    except CaptureError:
+        capture.release()
+        raise
     return capture
+
+
+def _check_frame_size(source, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise CaptureError(f"{source}: frames are {width}x{height} pixels, over the limit "
+                           f"of {max_pixels} (VRN_MAX_PIXELS)")
 
 
 class FrameGrabber:
@@ -96,22 +114,29 @@ class FrameGrabber:
         Reopenings tried after a failure before giving up.
     backoff_s, max_backoff_s : float
         First wait before reopening, doubled per failed attempt up to the maximum.
-
+    max_pixels : int, optional
+        Largest frame (``width * height``) accepted. Default ``$VRN_MAX_PIXELS`` or 50
+        megapixels. The default opener checks the size the source reports; every frame
+        read is checked too, and a larger one ends the grabber with :attr:`error` set.
     start : bool
         Start reading at once; otherwise call :meth:`start`.
 
-    The source is opened in the constructor, so a missing camera or file raises
-    :class:`CaptureError` at once. Use as a context manager or call :meth:`stop`.
+    The source is opened in the constructor, so a missing camera or file, or one whose
+    frames are too large, raises :class:`CaptureError` at once. Use as a context manager
+    or call :meth:`stop`.
     """
 
     def __init__(self, source: str | int | os.PathLike, *,
                  opener: Callable[[], object] | None = None,
                  latest_only: bool | None = None, reconnect: bool | None = None,
                  reconnect_attempts: int = 5, backoff_s: float = 0.25,
-                 max_backoff_s: float = 4.0, start: bool = True):
+                 max_backoff_s: float = 4.0, max_pixels: int | None = None,
+                 start: bool = True):
         self.source = parse_source(source) if opener is None else source
         live = is_live_source(self.source) if opener is None else False
-        self._opener = opener or (lambda: open_video_source(self.source))
+        self.max_pixels = pixel_limit(max_pixels)
+        self._opener = opener or (lambda: open_video_source(self.source,
+                                                            max_pixels=self.max_pixels))
         self.latest_only = live if latest_only is None else latest_only
         self.reconnect = live if reconnect is None else reconnect
         self.reconnect_attempts = reconnect_attempts
@@ -211,6 +236,8 @@ class FrameGrabber:
                     self.reconnects += 1
                 except Exception as exc:
                     self.error = f"{self.source}: reopening failed ({exc})"
+        except CaptureError as exc:  # frames over the pixel limit: reopening cannot help
+            self.error = str(exc)
         finally:
             _release(self._capture)
             self._capture = None
@@ -219,7 +246,8 @@ class FrameGrabber:
                 self._cond.notify_all()
 
     def _read(self) -> np.ndarray | None:
-        """One RGB frame, or ``None`` when the read failed (recorded in :attr:`error`)."""
+        """One RGB frame, or ``None`` when the read failed (recorded in :attr:`error`);
+        :class:`CaptureError` for a frame over the pixel limit."""
         try:
             ok, bgr = self._capture.read()
         except Exception as exc:  # a driver or a fake source may raise anything
@@ -229,6 +257,7 @@ class FrameGrabber:
             if self.frames_read == 0 or self.reconnect:
                 self.error = f"{self.source}: no frame could be read"
             return None
+        _check_frame_size(self.source, bgr.shape[1], bgr.shape[0], self.max_pixels)
         if bgr.ndim == 2:
             return cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

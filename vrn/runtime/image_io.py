@@ -1,37 +1,123 @@
-"""Reading photos into the one layout the pipeline uses: ``(H, W, 3)`` uint8 RGB."""
+"""Reading photos into the one layout the pipeline uses: ``(H, W, 3)`` uint8 RGB.
+
+Image files are bounded before anything is decoded: at most :data:`MAX_BYTES` bytes on
+disk (environment variable ``VRN_MAX_IMAGE_BYTES``) and :data:`MAX_PIXELS` pixels as the
+file header declares them (``VRN_MAX_PIXELS``), so a small "decompression bomb" cannot
+take gigabytes of memory.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from ..errors import ImageError
 
 MIN_IMAGE_SIDE = 32
+MAX_PIXELS = 50_000_000
+"""Default pixel limit for images and video frames; ``VRN_MAX_PIXELS`` overrides it."""
+MAX_BYTES = 200 * 2**20
+"""Default size limit of an image file; ``VRN_MAX_IMAGE_BYTES`` overrides it."""
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as ``(H, W, 3)`` uint8 RGB.
+def pixel_limit(max_pixels: int | None = None) -> int:
+    """``max_pixels`` if given, else ``$VRN_MAX_PIXELS``, else :data:`MAX_PIXELS`."""
+    return _limit(max_pixels, "VRN_MAX_PIXELS", MAX_PIXELS)
 
-    Grayscale is replicated to three channels, alpha is dropped, 16-bit and float images
-    are scaled to 8 bits. Raises :class:`ImageError` for a missing, unreadable or tiny
-    image, naming the file.
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = None,
+               max_bytes: int | None = None) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB, upright.
+
+    The EXIF orientation (phone photos) is applied. Grayscale is replicated to three
+    channels, alpha is dropped, 16-bit and float images are scaled to 8 bits.
+
+    Parameters
+    ----------
+    path : str or path
+        The image file.
+    max_pixels : int, optional
+        Largest ``width * height`` accepted, checked from the file header before
+        decoding (formats Pillow cannot read are checked once OpenCV has decoded them).
+        Default ``$VRN_MAX_PIXELS`` or :data:`MAX_PIXELS` (50 megapixels).
+    max_bytes : int, optional
+        Largest file size accepted, checked before reading. Default
+        ``$VRN_MAX_IMAGE_BYTES`` or :data:`MAX_BYTES` (200 MiB).
+
+    Raises :class:`ImageError`, naming the file, for a missing, unreadable, oversized or
+    tiny image.
     """
     path = Path(path)
+    max_pixels = pixel_limit(max_pixels)
+    max_bytes = _limit(max_bytes, "VRN_MAX_IMAGE_BYTES", MAX_BYTES)
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
-    data = np.fromfile(path, dtype=np.uint8)  # cv2.imread cannot report why it failed
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"{path}: file is {size} bytes, over the limit of {max_bytes} "
+                         "(VRN_MAX_IMAGE_BYTES)")
+    _check_header(path, max_pixels)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # cv2.imread cannot report why it failed
+        # Unlike IMREAD_UNCHANGED, these flags apply the EXIF orientation; they keep 16-bit
+        # and float depth and drop alpha.
+        image = (cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+                 if data.size else None)
+    except (OSError, cv2.error) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc})") from None
     if image is None:
         raise ImageError(f"{path}: not a readable image")
+    _check_pixels(path, image.shape[1], image.shape[0], max_pixels)
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     if image.ndim == 3:
         image = image[..., ::-1]  # OpenCV decodes to BGR
     return as_rgb_uint8(image, name=str(path))
+
+
+def _check_header(path: Path, max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, without
+    decoding it. A format Pillow does not know passes: its decoded size is checked."""
+    try:
+        with warnings.catch_warnings():  # our limit applies, not Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:  # lazy: reads the header only
+                width, height = header.size
+    except Image.DecompressionBombError:  # over Pillow's own guard; size not known
+        guard = 2 * Image.MAX_IMAGE_PIXELS
+        if max_pixels <= guard:
+            raise ImageError(f"{path}: image has more than {guard} pixels, over the limit "
+                             f"of {max_pixels} (VRN_MAX_PIXELS)") from None
+        return  # a limit above Pillow's: the decoded size is checked
+    except Image.UnidentifiedImageError:
+        return
+    except Exception as exc:  # a plugin may raise anything on a corrupt header
+        raise ImageError(f"{path}: not a readable image ({exc})") from None
+    _check_pixels(path, width, height, max_pixels)
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{path}: image is {width}x{height} pixels, over the limit of "
+                         f"{max_pixels} (VRN_MAX_PIXELS)")
+
+
+def _limit(value: int | None, env: str, default: int) -> int:
+    """``value`` if given, else the environment variable ``env``, else ``default``."""
+    if value is None:
+        text = os.environ.get(env, "").strip()
+        try:
+            value = int(text) if text else default
+        except ValueError:
+            raise ValueError(f"{env}={text!r}: expected a whole number") from None
+    if value <= 0:
+        raise ValueError(f"{env}: the limit must be positive, got {value}")
+    return int(value)
 
 
 def as_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:

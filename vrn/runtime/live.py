@@ -35,6 +35,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import VRNError
+from ..signals import interrupt_word
 from .capture import Frame, FrameGrabber
 from .mesh import save_mesh
 from .tracking import FaceTracker, Track
@@ -394,8 +395,8 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
                 if headless and now - last_print >= stats_interval_s:
                     print(stats.line(grabber.frames_dropped), file=out, flush=True)
                     last_print = now
-        except KeyboardInterrupt:
-            ended = "interrupted"
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+            ended = interrupt_word(exc)
         finally:
             stop.set()
             grabber.stop()
