@@ -115,7 +115,7 @@ def test_vrn_eval_without_bfm_fails_cleanly(tmp_path, capsys, monkeypatch):
     from vrn.cli.eval import main
 
     monkeypatch.delenv("VRN_BFM_FACE_DIR", raising=False)
-    assert main([str(tmp_path), "--bfm", str(tmp_path / "none")]) == 2
+    assert main([str(tmp_path), "--bfm", str(tmp_path / "none")]) == 1
     assert "vrn-eval:" in capsys.readouterr().err
 
 

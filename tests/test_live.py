@@ -161,7 +161,7 @@ def test_record_and_no_face_frames_pass_through(tmp_path, plane_weights, capsys)
 def test_bad_source_is_one_clear_error(tmp_path, source, message, capsys):
     (tmp_path / "notavideo.avi").write_text("this is not a video")
     rc = main(["--source", str(tmp_path / source), "--headless", "--backend", "torch"])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -261,7 +261,7 @@ def test_capture_keeps_only_the_latest_frame():
 
 def test_camera_that_does_not_exist(capsys):
     rc = main(["--source", "97", "--headless", "--backend", "torch"])
-    assert rc == 2
+    assert rc == 1
     assert "camera 97: cannot open" in capsys.readouterr().err
 
 
@@ -391,5 +391,5 @@ def test_window_without_display_is_refused_early(monkeypatch, capsys):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     if not sys.platform.startswith("linux"):
         pytest.skip("DISPLAY only decides on Linux")
-    assert main(["--source", "missing.avi"]) == 2
+    assert main(["--source", "missing.avi"]) == 1
     assert "no display available" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def test_vrn_eval_refuses_payloads(tmp_path, capsys, where):
     basis, face, data, marker = _cli_folders(tmp_path, where)
     code = main([str(data), "--bfm", str(basis), "--bfm-face", str(face)])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert err.startswith("vrn-eval: ") and err.count("\n") == 1
     assert "refusing to load global" in err and "system" in err
     assert not marker.exists()
@@ -155,7 +155,7 @@ def test_vrn_train_refuses_payloads(tmp_path, capsys, where):
     code = main(["--aflw", str(data), "--bfm", str(basis), "--bfm-face", str(face),
                  "-o", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert err.startswith("vrn-train: ") and err.count("\n") == 1
     assert "refusing to load global" in err and "system" in err
     assert not marker.exists()

@@ -73,7 +73,7 @@ def test_no_image_produces_a_mesh(tmp_path, small_checkpoint):
 
 def test_missing_weights_is_one_clear_error(tmp_path, capsys):
     rc = main(["--sample", "-o", str(tmp_path), "--weights", str(tmp_path / "nope.t7")])
-    assert rc == 2
+    assert rc == 1
     assert "nope.t7: weights file not found" in capsys.readouterr().err
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import VRNError
+from .command import run_command
 
 
 def _csv(kind):
@@ -78,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return run_command("vrn-bench", parser, lambda args: _run(args, parser), argv)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..bench import report as reporting
     from ..bench.runner import BenchSettings, run_benchmark
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.results_md:
         try:
             path = reporting.write_results_md(args.results_md)

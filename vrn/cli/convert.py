@@ -14,6 +14,7 @@ from ..model.blocks import BN_MODES, BatchNorm2d
 from ..model.checkpoint import save_checkpoint
 from ..model.torch7 import load_torch7
 from ..model.vrn import count_parameters
+from .command import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("vrn-convert", build_parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_suffix(".safetensors")
     try:

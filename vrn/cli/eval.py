@@ -26,6 +26,7 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..errors import VRNError
+from .command import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +217,10 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("vrn-eval", build_parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data.bfm import load_bfm
 
     try:
@@ -224,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(args.data, bfm, meshes=args.meshes, weights=args.weights,
                            backend=args.backend, crop=args.crop,
                            icp_iterations=args.icp_iterations, limit=args.limit)
-    except (VRNError, FileNotFoundError, ValueError) as exc:
-        print(f"vrn-eval: {exc}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        raise VRNError(str(exc)) from None
     if results["model"]:
         print(f"model: {results['model']}")
     print(format_table(results))

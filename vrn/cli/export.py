@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import VRNError
 from ..model import BN_MODES
+from .command import run_command
 
 DESCRIPTION = ("Export VRN weights to a checked ONNX model (fp32, and fp16 with --fp16) and, "
                "where TensorRT and a GPU are present, a TensorRT engine for this GPU. "
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command("vrn-export", parser, lambda args: _run(args, parser), argv)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..export.exporter import DEFAULT_MAX_BATCH, Exporter
     from ..export.onnx_export import DEFAULT_OPSET, onnx_metadata
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import VRNError
-from ..signals import INTERRUPT_EXIT, TERMINATE_EXIT, interrupt_exit, interrupt_word, sigterm_as_interrupt
+from ..signals import INTERRUPT_EXIT, TERMINATE_EXIT
+from .command import UsageError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,44 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with sigterm_as_interrupt():
-        return _run(args)
+    return run_command("vrn-live", build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.detect_every < 1:
-        print("vrn-live: --detect-every must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--detect-every must be >= 1")
     if args.max_frames is not None and args.max_frames < 1:
-        print("vrn-live: --max-frames must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--max-frames must be >= 1")
 
     from ..runtime.capture import FrameGrabber
     from ..runtime.detect import create_detector
     from ..runtime.live import check_display, format_summary, run_live
     from ..runtime.pipeline import Reconstructor
 
-    try:
-        if not args.headless:
-            check_display()
-        grabber = FrameGrabber(args.source, start=False)  # a bad source fails before loading
-    except VRNError as exc:
-        print(f"vrn-live: {exc}", file=sys.stderr)
-        return 2
+    if not args.headless:
+        check_display()
+    grabber = FrameGrabber(args.source, start=False)  # a bad source fails before loading
     try:
         print(f"preparing the {args.backend} backend (the first onnxruntime run of new "
               "weights exports them to ONNX once; this can take a minute)", flush=True)
+        threshold = ({} if args.detector_threshold is None
+                     else {"score_threshold": args.detector_threshold})
         try:
-            threshold = ({} if args.detector_threshold is None
-                         else {"score_threshold": args.detector_threshold})
             detector = create_detector(args.detector_model, **threshold)
             reconstructor = Reconstructor(args.engine or args.weights, backend=args.backend,
                                           device=args.device, precision=args.precision,
                                           all_faces=args.all_faces, detector=detector)
-        except (VRNError, ValueError) as exc:
-            print(f"vrn-live: {exc}", file=sys.stderr)
-            return 2
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         backend = reconstructor.backend
         print(f"backend: {backend.describe()} [{getattr(backend, 'selection_reason', '')}]",
               flush=True)
@@ -117,12 +108,6 @@ def _run(args: argparse.Namespace) -> int:
                            record=args.record, record_fps=args.record_fps,
                            save_meshes=args.save_meshes, stats_json=args.stats_json,
                            stats_interval_s=args.stats_interval)
-    except VRNError as exc:
-        print(f"vrn-live: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"vrn-live: {interrupt_word(exc)}", file=sys.stderr)
-        return interrupt_exit(exc)
     finally:
         grabber.stop()
     print(format_summary(summary), flush=True)

@@ -18,7 +18,8 @@ from ..errors import VRNError
 from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
 from ..runtime.image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
-from ..signals import interrupt_exit, interrupt_word, sigterm_as_interrupt
+from ..signals import interrupt_exit, interrupt_word
+from .command import UsageError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,32 +96,22 @@ def _check_writable(outdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with sigterm_as_interrupt():
-        try:
-            return _run(args)
-        except KeyboardInterrupt as exc:  # before the first image (loading the model)
-            print(f"vrn-reconstruct: {interrupt_word(exc)}", file=sys.stderr)
-            return interrupt_exit(exc)
+    return run_command("vrn-reconstruct", build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in MESH_FORMATS]
     if bad or not formats:
-        print(f"vrn-reconstruct: unknown mesh format(s) {bad}; choose from "
-              f"{','.join(MESH_FORMATS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown mesh format(s) {bad}; choose from {','.join(MESH_FORMATS)}")
     inputs = list(args.inputs) + ([str(sample_image_path())] if args.sample else [])
     if not inputs:
-        print("vrn-reconstruct: give images or folders, or --sample", file=sys.stderr)
-        return 2
+        raise UsageError("give images or folders, or --sample")
     outdir = Path(args.output)
     try:
         _check_writable(outdir)
     except OSError as exc:
-        print(f"vrn-reconstruct: cannot write to {outdir}: {exc.strerror}", file=sys.stderr)
-        return 2
+        raise VRNError(f"cannot write to {outdir}: {exc.strerror}") from None
 
     images, problems = collect_images(inputs)
     for message in problems:
@@ -133,9 +124,8 @@ def _run(args: argparse.Namespace) -> int:
                                    score_threshold=args.detector_threshold)
         reconstructor = Reconstructor(args.weights, all_faces=args.all_faces,
                                       detector=detector)
-    except (VRNError, ValueError) as exc:
-        print(f"vrn-reconstruct: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     info = reconstructor.model_info
     print(f"model: {info.architecture}, batch norm {info.bn_mode}; {info.provenance}")
     if not info.trained:

@@ -13,6 +13,7 @@ import sys
 
 from ..data.voxelize import THICKNESS
 from ..errors import VRNError
+from .command import UsageError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,10 @@ def _samples(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("vrn-train", build_parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..model import VRNConfig
     from ..model.vrn import NUM_LANDMARKS
     from ..train.loop import Augmentation, Guidance, TrainConfig, train
@@ -127,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             provenance=args.provenance or f"vrn-train on {len(samples)} samples")
         result = train(samples, config, args.output, resume=args.resume,
                        progress=not args.no_progress)
-    except (VRNError, ValueError, FileNotFoundError) as exc:
-        print(f"vrn-train: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # options that do not fit together, or out of range
+        raise UsageError(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise VRNError(str(exc)) from None
     print(f"vrn-train: {result['steps']} steps, {result['epochs']} epochs, "
           f"loss {result['loss']:.4f}, {result['seconds']:.0f} s -> {result['checkpoint']}")
     return 0

@@ -51,6 +51,17 @@ class AFLWRecord:
     photo_to_crop: np.ndarray
 
 
+def _numbers(mat: dict, key: str, mat_path: Path) -> np.ndarray:
+    """``mat[key]`` as a finite float64 array, or :class:`AnnotationError`."""
+    try:
+        values = np.asarray(mat[key], np.float64)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{mat_path}: {key} is not numeric") from None
+    if not np.isfinite(values).all():
+        raise AnnotationError(f"{mat_path}: {key} holds non-finite values")
+    return values
+
+
 def read_fit(mat_path: str | os.PathLike) -> dict[str, np.ndarray]:
     """``{"shape" (199,), "expression" (29,), "pose" (7,), "pt3d_68" (3, 68) or absent}``
     from a 300W-LP / AFLW2000-3D ``.mat`` file."""
@@ -59,18 +70,19 @@ def read_fit(mat_path: str | os.PathLike) -> dict[str, np.ndarray]:
     mat_path = Path(mat_path)
     try:
         mat = loadmat(str(mat_path))
-    except (OSError, ValueError) as exc:
-        raise AnnotationError(f"{mat_path}: not a readable .mat file ({exc})") from None
+    except Exception as exc:  # scipy raises assorted types for corrupt files
+        raise AnnotationError(f"{mat_path}: not a readable .mat file "
+                              f"({type(exc).__name__}: {exc})") from None
     missing = [k for k in ("Shape_Para", "Exp_Para", "Pose_Para") if k not in mat]
     if missing:
         raise AnnotationError(f"{mat_path}: missing {', '.join(missing)}")
-    fit = {"shape": np.asarray(mat["Shape_Para"], np.float64).ravel(),
-           "expression": np.asarray(mat["Exp_Para"], np.float64).ravel(),
-           "pose": np.asarray(mat["Pose_Para"], np.float64).ravel()}
+    fit = {"shape": _numbers(mat, "Shape_Para", mat_path).ravel(),
+           "expression": _numbers(mat, "Exp_Para", mat_path).ravel(),
+           "pose": _numbers(mat, "Pose_Para", mat_path).ravel()}
     if fit["pose"].size != 7:
         raise AnnotationError(f"{mat_path}: Pose_Para has {fit['pose'].size} values, expected 7")
     if "pt3d_68" in mat:
-        pts = np.asarray(mat["pt3d_68"], np.float64)
+        pts = _numbers(mat, "pt3d_68", mat_path)
         if pts.shape == (68, 3):
             pts = pts.T
         if pts.shape[1] != 68:

@@ -6,7 +6,9 @@ the GPU name and compute capability, the SHA-256 of the ONNX file it was built f
 the engine's own size and SHA-256, its inputs and outputs and its batch range.
 :func:`check_engine` compares that with this machine before a byte reaches TensorRT, so
 a mismatch gets a message that says how to rebuild, and a truncated or corrupt file gets
-an :class:`~vrn.errors.EngineError` instead of a crash inside TensorRT.
+an :class:`~vrn.errors.EngineError` instead of a crash inside TensorRT. Every field of
+the sidecar is checked (type and range) when it is read; a bad one is an
+:class:`~vrn.errors.EngineError` that names the file and the field.
 
 :func:`load_engine` is the one way to load an engine: check, then deserialize.
 """
@@ -17,8 +19,10 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic, write_text_atomic
@@ -26,6 +30,12 @@ from ..errors import BackendUnavailableError, EngineError
 
 FORMAT = "vrn-engine/1"
 SIDECAR_SUFFIX = ".json"
+MAX_SIDECAR_BYTES = 1 << 20  # a sidecar is a few KiB
+MAX_ENGINE_BYTES = 1 << 40
+MAX_BATCH = 1 << 16
+MAX_DIM = (1 << 31) - 1
+MAX_RANK = 8
+REBUILD_HINT = "rebuild the engine with `vrn-export --from-onnx <model.onnx>`"
 
 
 @dataclass(frozen=True)
@@ -61,10 +71,38 @@ class EngineMetadata:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "EngineMetadata":
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} sidecar")
+    def from_json(cls, text: str, source: str | os.PathLike = "engine metadata"
+                  ) -> "EngineMetadata":
+        """Parse and validate a sidecar's text; :class:`EngineError` (naming ``source``
+        and the field at fault) if it is not valid JSON or not a valid sidecar."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge int literals
+            raise _bad(source, f"not valid JSON ({_one_line(exc)})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data, source: str | os.PathLike = "engine metadata"
+                  ) -> "EngineMetadata":
+        """Validate a parsed sidecar: every field's type and range."""
+        if not isinstance(data, dict):
+            raise _bad(source, f"not a {FORMAT} sidecar (a JSON object expected, got "
+                               f"{_show(data)})")
+        if data.get("format") != FORMAT:
+            raise _bad(source, f"not a {FORMAT} sidecar (field 'format' is "
+                               f"{_show(data.get('format'))})")
+        known = {f.name: f for f in fields(cls)}
+        for name in data:
+            if name not in known:
+                raise _bad(source, f"unknown field {_show(name)}")
+        for name in known:  # write_engine writes every field
+            if name not in data:
+                raise _bad(source, f"field {name!r} is missing")
+            problem = _VALIDATORS[name](data[name])
+            if problem is not None:
+                where, expected, got = problem
+                raise _bad(source, f"field '{name}{where}' must be {expected}, got "
+                                   f"{_show(got)}")
         return cls(**data)
 
 
@@ -106,10 +144,136 @@ def read_metadata(engine_path: str | os.PathLike) -> EngineMetadata:
                           "GPU and TensorRT version are unknown; rebuild it with "
                           "`vrn-export --from-onnx <model.onnx>`")
     try:
-        return EngineMetadata.from_json(sidecar.read_text(encoding="utf-8"))
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{sidecar}: unreadable engine metadata ({exc}); rebuild the "
-                          "engine with `vrn-export --from-onnx <model.onnx>`") from None
+        size = sidecar.stat().st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise _bad(sidecar, f"{size} bytes, over the {MAX_SIDECAR_BYTES}-byte limit "
+                                "of a sidecar")
+        raw = sidecar.read_bytes()
+    except OSError as exc:
+        raise _bad(sidecar, f"cannot read it ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(sidecar, f"not UTF-8 text (byte {exc.start})") from None
+    return EngineMetadata.from_json(text, source=sidecar)
+
+
+# --- sidecar validation: each validator returns None, or (where, expected, got) -------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CAPABILITY = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high  # a bool is not an int here
+
+
+def _text(value, *, empty: bool = True, limit: int = 4096) -> bool:
+    return isinstance(value, str) and (empty or value.strip() != "") \
+        and len(value) <= limit and "\x00" not in value
+
+
+def _field(ok: bool, expected: str):
+    """A validator of a whole field from a predicate."""
+    return lambda value: None if ok(value) else ("", expected, value)
+
+
+def _tensors(value):
+    if not isinstance(value, list):
+        return "", "a list of {name, shape, dtype} objects", value
+    for i, item in enumerate(value):
+        where = f"[{i}]"
+        if not isinstance(item, dict) or set(item) != {"name", "shape", "dtype"}:
+            return where, "an object with exactly the keys name, shape and dtype", item
+        if not _text(item["name"], empty=False, limit=256):
+            return f"{where}.name", "a non-empty string", item["name"]
+        shape = item["shape"]
+        if not isinstance(shape, list) or len(shape) > MAX_RANK \
+                or not all(_is_int(d, -1, MAX_DIM) for d in shape):
+            return (f"{where}.shape", f"a list of at most {MAX_RANK} integers in "
+                    f"[-1, {MAX_DIM}]", shape)
+        if not _text(item["dtype"], empty=False, limit=32):
+            return f"{where}.dtype", "a NumPy dtype name", item["dtype"]
+    return None
+
+
+def _batch(value):
+    if not isinstance(value, dict) or set(value) != {"min", "opt", "max"}:
+        return "", f"an object {{min, opt, max}} of integers in [1, {MAX_BATCH}]", value
+    for key in ("min", "opt", "max"):
+        if not _is_int(value[key], 1, MAX_BATCH):
+            return f".{key}", f"an integer in [1, {MAX_BATCH}]", value[key]
+    if not value["min"] <= value["opt"] <= value["max"]:
+        return "", "ordered: min <= opt <= max", value
+    return None
+
+
+def _mapping(valid_item, expected: str):
+    """A validator of an object whose keys are names and whose values pass
+    ``valid_item``."""
+    def validate(value):
+        if not isinstance(value, dict):
+            return "", expected, value
+        for key, item in value.items():
+            if not _text(key, empty=False, limit=256) or not valid_item(item):
+                return f"[{_show(key)}]", expected, item
+        return None
+    return validate
+
+
+def _seconds(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value) and 0 <= value <= 1e9)
+
+
+def _sha256(value) -> bool:
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+_VALIDATORS = {
+    "format": _field(lambda v: v == FORMAT, json.dumps(FORMAT)),
+    "tensorrt_version": _field(lambda v: _text(v, empty=False, limit=64),
+                               "a TensorRT version string"),
+    "gpu_name": _field(lambda v: _text(v, empty=False, limit=256), "a GPU name"),
+    "compute_capability": _field(
+        lambda v: isinstance(v, str) and _CAPABILITY.fullmatch(v) is not None,
+        'a compute capability such as "8.7"'),
+    "onnx_file": _field(lambda v: _text(v, empty=False) and not os.path.isabs(v),
+                        "a file name relative to the engine's folder"),
+    "onnx_sha256": _field(_sha256, "a SHA-256 (64 lowercase hex digits)"),
+    "engine_sha256": _field(_sha256, "a SHA-256 (64 lowercase hex digits)"),
+    "engine_bytes": _field(lambda v: _is_int(v, 1, MAX_ENGINE_BYTES),
+                           f"an integer in [1, {MAX_ENGINE_BYTES}]"),
+    "precision": _field(lambda v: isinstance(v, str) and v in ("fp16", "fp32"),
+                        '"fp16" or "fp32"'),
+    "inputs": _tensors,
+    "outputs": _tensors,
+    "batch": _batch,
+    "layer_precisions": _mapping(lambda n: _is_int(n, 0, 1 << 31),
+                                 "an object of layer counts (integers >= 0)"),
+    "model_info": _mapping(lambda t: _text(t, limit=1 << 16), "an object of strings"),
+    "build_seconds": _field(_seconds, "null or a number of seconds >= 0"),
+    "built_at": _field(lambda v: _text(v, limit=64), "a date string"),
+}
+
+
+def _show(value, limit: int = 40) -> str:
+    """``value`` as short one-line JSON, for a message."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _bad(source, detail: str) -> EngineError:
+    """The error for a bad sidecar: one line naming the file and what is wrong."""
+    return EngineError(f"{source}: unreadable engine metadata: {detail}; {REBUILD_HINT}")
+
+
+def _one_line(exc: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def rebuild_command(engine_path: str | os.PathLike, metadata: EngineMetadata) -> str:

@@ -121,6 +121,7 @@ class _OrtRunner:
 
     def __init__(self, model: LandmarkRegressor, weights: Path, cache_dir: Path | None,
                  threads: int | None):
+        from .backends.onnx_cache import open_cached
         from .backends.onnxruntime_backend import default_cache_dir, physical_cores
 
         try:
@@ -128,15 +129,15 @@ class _OrtRunner:
         except ImportError:
             raise BackendUnavailableError("landmarks on onnxruntime: the onnxruntime package "
                                           "is not installed (pip install onnxruntime)") from None
-        self.path = cached_landmark_onnx(model, weights, cache_dir or default_cache_dir())
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
         # A 0.4 ms graph: threads that spin after it only take cores from the next stage.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.path, self.session = open_cached(
+            lambda: cached_landmark_onnx(model, weights, cache_dir or default_cache_dir()),
+            lambda path: (path, _ort_session(ort, path, options)))
         self.input_name = self.session.get_inputs()[0].name
         self.threads = options.intra_op_num_threads
         self.version = ort.__version__
@@ -146,6 +147,18 @@ class _OrtRunner:
 
     def describe(self) -> str:
         return f"ONNX Runtime {self.version} (CPU, {self.threads} threads)"
+
+
+def _ort_session(ort, path: Path, options):
+    """A CPU session over ``path``; :class:`UnreadableOnnxError` if ONNX Runtime refuses
+    the file (so that a corrupt cache file is exported again)."""
+    from .backends.onnx_cache import UnreadableOnnxError
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise UnreadableOnnxError(f"{path}: onnxruntime cannot load this graph "
+                                  f"({exc})") from None
 
 
 class _TensorRTRunner:
@@ -169,22 +182,20 @@ class _TensorRTRunner:
 
 def cached_landmark_onnx(model: LandmarkRegressor, weights: str | os.PathLike,
                          cache_dir: str | os.PathLike) -> Path:
-    """``cache_dir/onnx/landmarks-<hash>.onnx``, exported now (atomically) if missing;
-    the hash covers the weights file's bytes and the export version."""
+    """``cache_dir/onnx/landmarks-<hash>.onnx``, exported now (atomically) if missing
+    or corrupt (:func:`.backends.onnx_cache.cached_file`); the hash covers the weights
+    file's bytes and the export version."""
     from ..export.landmark_onnx import export_landmark_onnx
+    from .backends.onnx_cache import cached_file
 
+    data = Path(weights).read_bytes()
     key = hashlib.sha256(f"landmarks-onnx/{ONNX_EXPORT_VERSION}\n".encode())
-    key.update(Path(weights).read_bytes())
-    folder = Path(cache_dir) / "onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"landmarks-{key.hexdigest()[:20]}.onnx"
-    if not path.is_file():
-        meta = getattr(model, "metadata", {})
-        export_landmark_onnx(model, path, metadata={
-            "vrn_landmarks_weights_sha256": hashlib.sha256(
-                Path(weights).read_bytes()).hexdigest(),
-            **{f"weights_{k}": v for k, v in meta.items() if k in ("source", "license")}})
-    return path
+    key.update(data)
+    meta = getattr(model, "metadata", {})
+    metadata = {"vrn_landmarks_weights_sha256": hashlib.sha256(data).hexdigest(),
+                **{f"weights_{k}": v for k, v in meta.items() if k in ("source", "license")}}
+    return cached_file(Path(cache_dir) / "onnx" / f"landmarks-{key.hexdigest()[:20]}.onnx",
+                       lambda tmp: export_landmark_onnx(model, tmp, metadata=metadata))
 
 
 class LandmarkStage:

@@ -14,7 +14,8 @@ optimisation.
 
 A backend is made from an ``.onnx`` file, or from weights with :meth:`from_weights`,
 which exports the model once into a cache folder (keyed by a hash of the weights) with
-:func:`vrn.export.onnx_export.export_onnx`.
+:func:`vrn.export.onnx_export.export_onnx`. Cached files are checked against their
+SHA-256 before use, and a corrupt one is exported again (:mod:`.onnx_cache`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, VRNError
 from .base import checked_landmarks
+from .onnx_cache import UnreadableOnnxError, cached_file, open_cached
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
@@ -120,7 +122,10 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise VRNError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
+            message = f"{path}: onnxruntime cannot load this graph ({exc})"
+            if provider == "cpu":  # on a GPU provider, the provider itself may be at fault
+                raise UnreadableOnnxError(message) from None
+            raise VRNError(message) from None
         self.providers = self.session.get_providers()
         if self.providers[0] != wanted:
             raise BackendUnavailableError(
@@ -286,8 +291,9 @@ class OnnxRuntimeBackend:
                                           "providers; use fp32 on the CPU")
         check_provider(kwargs.get("provider", "cpu"))  # before a minute of exporting
         model = load_model(weights)
-        path = cached_onnx(model, cache_dir, fp16=precision == "fp16")
-        return cls(path, model_info=model.info, cache_dir=cache_dir, **kwargs)
+        return open_cached(lambda: cached_onnx(model, cache_dir, fp16=precision == "fp16"),
+                           lambda path: cls(path, model_info=model.info, cache_dir=cache_dir,
+                                            **kwargs))
 
 
 def _import_onnxruntime():
@@ -319,10 +325,11 @@ def check_provider(provider: str) -> str:
 
 def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
                 max_batch: int = EXPORT_MAX_BATCH, fp16: bool = False) -> Path:
-    """The ONNX export of ``model`` in the cache, exported now if missing (atomically,
-    so concurrent or interrupted exports never leave a partial file). The file name is a
-    hash of the weights, the model description and the export settings; ``fp16`` gives
-    the fp16 conversion of that file."""
+    """The ONNX export of ``model`` in the cache, exported now if missing or corrupt
+    (atomically, so concurrent or interrupted exports never leave a partial file; see
+    :func:`.onnx_cache.cached_file`). The file name is a hash of the weights, the model
+    description and the export settings; ``fp16`` gives the fp16 conversion of that
+    file."""
     from ...export.onnx_export import DEFAULT_OPSET, export_onnx
     from ...model import model_info
 
@@ -336,18 +343,14 @@ def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
         key.update(name.encode())
         key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"vrn-{key.hexdigest()[:20]}.onnx"
-    if not path.is_file():
-        export_onnx(model, path, max_batch=max_batch, metadata=meta)
+    path = cached_file(folder / f"vrn-{key.hexdigest()[:20]}.onnx",
+                       lambda tmp: export_onnx(model, tmp, max_batch=max_batch, metadata=meta))
     if not fp16:
         return path
     from ...export.fp16 import export_fp16
 
-    half = path.with_name(f"{path.stem}-fp16.onnx")
-    if not half.is_file():
-        export_fp16(path, half)
-    return half
+    return cached_file(path.with_name(f"{path.stem}-fp16.onnx"),
+                       lambda tmp: export_fp16(path, tmp))
 
 
 class _GraphFacts:
@@ -361,7 +364,8 @@ class _GraphFacts:
         try:
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf decode errors have no common base class
-            raise VRNError(f"{path}: not a readable ONNX file ({exc})") from None
+            raise UnreadableOnnxError(f"{path}: not a readable ONNX file ({exc})",
+                                      reason="onnx cannot parse it") from None
         if len(proto.graph.input) < 1:
             raise VRNError(f"{path}: the graph has no input")
         value = proto.graph.input[0]
