@@ -226,3 +226,12 @@ def test_signals_stop_cleanly(tmp_path, small_checkpoint, signum, code):
     assert 1 <= len(meshes) < 30
     for path in meshes:
         assert len(trimesh.load(path, process=False).faces) > 100
+
+
+@pytest.mark.parametrize("name", ["x.onnx", "x.engine"])
+def test_weights_for_another_backend_is_one_line(tmp_path, capsys, name):
+    (tmp_path / name).write_bytes(b"garbage")
+    rc = main(["--sample", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("vrn-reconstruct: ")
