@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes_atomic
 
 MESH_FORMATS = ("obj", "ply", "glb")
 
@@ -46,11 +46,16 @@ def save_mesh(mesh: FaceMesh, path: str | os.PathLike) -> Path:
     if fmt not in MESH_FORMATS:
         raise ValueError(f"{path}: unsupported mesh format {fmt!r}; use one of {MESH_FORMATS}")
     tm = mesh.to_trimesh()
-    with atomic_path(path) as tmp:
+    try:
         if fmt == "obj":
             data = tm.export(file_type="obj", include_color=True, include_normals=False,
                              include_texture=False)
         else:
             data = tm.export(file_type=fmt)
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    finally:
+        # A Trimesh is a reference cycle (its visual, ray, permutate and nearest point back
+        # at it), so its float64 copies of the arrays would wait for a full garbage
+        # collection: dozens of them pile up while vrn-live saves a mesh per frame.
+        vars(tm).clear()
+    write_bytes_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
     return path
