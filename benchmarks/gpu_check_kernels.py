@@ -73,7 +73,7 @@ def _time_frame(cuda, volume: np.ndarray, repeats: int) -> dict:
     """CUDA-event times of the three launches of one frame, and of the whole call."""
     from vrn.kernels import MarchingCubesCUDA
     from vrn.kernels._cuda import _count_kernel, _emit_kernel, _scan_kernel
-    from vrn.kernels.marching_cubes import classification
+    from vrn.kernels._checks import classification
 
     stream = cuda.stream()
     device_volume = cuda.to_device(volume[None], stream=stream)

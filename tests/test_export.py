@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vrn.cli.export import main as export_main
 from vrn.errors import BackendUnavailableError, EngineError
-from vrn.export import engine_file, exporter, fp16, onnx_export, parity, tensorrt_build
+from vrn.export import engine_file, exporter, fp16, onnx_export, parity, tensorrt_build, tensorrt_lib
 from vrn.export.engine_file import EngineMetadata, GpuInfo, check_engine, write_engine
 from vrn.export.exporter import ExportError, Exporter
 from vrn.export.onnx_export import ChannelAffine, export_onnx, fold_batch_norms
@@ -446,10 +446,10 @@ def tensorrt_module(monkeypatch):
     def install(version="10.3.0", **kwargs):
         monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, **kwargs))
         engine_file.tensorrt_runtime.cache_clear()
-        tensorrt_build.tensorrt_logger.cache_clear()
+        tensorrt_lib.tensorrt_logger.cache_clear()
     yield install
     engine_file.tensorrt_runtime.cache_clear()
-    tensorrt_build.tensorrt_logger.cache_clear()
+    tensorrt_lib.tensorrt_logger.cache_clear()
 
 
 def test_load_engine_without_tensorrt(engine_setup, monkeypatch):
@@ -489,15 +489,15 @@ def test_current_gpu_without_a_driver():
 def test_import_tensorrt_versions(monkeypatch, tensorrt_module):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(BackendUnavailableError, match="TensorRT is not available"):
-        tensorrt_build.import_tensorrt()
+        tensorrt_lib.import_tensorrt()
     tensorrt_module("8.6.1")
     with pytest.raises(BackendUnavailableError, match="too old"):
-        tensorrt_build.import_tensorrt()
+        tensorrt_lib.import_tensorrt()
     tensorrt_module("10.2.0")
     with pytest.raises(BackendUnavailableError, match="too old"):
-        tensorrt_build.import_tensorrt()
+        tensorrt_lib.import_tensorrt()
     tensorrt_module("10.3.0")
-    assert tensorrt_build.import_tensorrt().__version__ == "10.3.0"
+    assert tensorrt_lib.import_tensorrt().__version__ == "10.3.0"
 
 
 def test_network_flags_per_version():
@@ -508,8 +508,8 @@ def test_network_flags_per_version():
     old.NetworkDefinitionCreationFlag = types.SimpleNamespace()
     with pytest.raises(BackendUnavailableError, match="strongly typed"):
         tensorrt_build.network_flags(old)
-    assert tensorrt_build.parse_version("10.3.0.30") == (10, 3, 0, 30)
-    assert tensorrt_build.parse_version("11.0.0b1") == (11, 0, 0)
+    assert tensorrt_lib.parse_version("10.3.0.30") == (10, 3, 0, 30)
+    assert tensorrt_lib.parse_version("11.0.0b1") == (11, 0, 0)
 
 
 def test_layer_precisions_from_inspector_json():
@@ -703,7 +703,7 @@ def fake_gpu_build(monkeypatch, tensorrt_module):
     build = FakeBuild()
     monkeypatch.setitem(sys.modules, "tensorrt", build.module())
     engine_file.tensorrt_runtime.cache_clear()
-    tensorrt_build.tensorrt_logger.cache_clear()
+    tensorrt_lib.tensorrt_logger.cache_clear()
     for module in (engine_file, tensorrt_build, exporter):
         monkeypatch.setattr(module, "current_gpu", lambda device=0: GPU)
 

@@ -48,7 +48,7 @@ def batch_with_two_segments_per_row():
     from numba import cuda
 
     from vrn.kernels import MarchingCubesCUDA, marching_cubes_batch
-    from vrn.kernels.marching_cubes import classification
+    from vrn.kernels._checks import classification
 
     volumes = np.random.default_rng(0).random((2, 2, 3, 40)).astype(np.float32)
     volumes[1] = 0.0

@@ -359,7 +359,7 @@ def load_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | Non
 @functools.lru_cache(maxsize=1)
 def tensorrt_runtime():
     """One ``tensorrt.Runtime`` per process; it outlives every engine it deserializes."""
-    from .tensorrt_build import import_tensorrt, tensorrt_logger
+    from .tensorrt_lib import import_tensorrt, tensorrt_logger
 
     trt = import_tensorrt()
     return trt.Runtime(tensorrt_logger())

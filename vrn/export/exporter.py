@@ -322,7 +322,7 @@ class Exporter:
         if self.engine == "no":
             self.notes.append("TensorRT: skipped (--engine no)")
             return None
-        from .tensorrt_build import import_tensorrt
+        from .tensorrt_lib import import_tensorrt
 
         try:
             import_tensorrt()

@@ -16,7 +16,6 @@ fp16 layer fails the build.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -31,47 +30,10 @@ import numpy as np
 from ..atomic import write_bytes_atomic
 from ..errors import BackendUnavailableError, EngineError
 from .engine_file import EngineMetadata, current_gpu, sha256_file, write_engine
+from .tensorrt_lib import import_tensorrt, parse_version, tensorrt_logger
 
-MIN_VERSION = (10, 3)
 TESTED_MAJORS = (10, 11)
 TIMING_CACHE_NAME = "timing.cache"
-
-
-def import_tensorrt():
-    """Import ``tensorrt`` or raise :class:`BackendUnavailableError` saying why.
-
-    Versions before 10.3 are refused (no strongly typed ONNX path we rely on).
-    """
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"TensorRT is not available ({exc}); install it (`pip install tensorrt` on a "
-            "desktop GPU; on Jetson it comes with JetPack: create the venv with "
-            "--system-site-packages)") from None
-    version = parse_version(trt.__version__)
-    if version[:2] < MIN_VERSION:
-        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; vrn-export "
-                                      f"needs {MIN_VERSION[0]}.{MIN_VERSION[1]} or newer")
-    return trt
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)`` (non-numeric parts end the tuple)."""
-    parts = []
-    for piece in str(text).split("."):
-        match = re.match(r"\d+", piece)
-        if not match:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts) or (0,)
-
-
-@functools.lru_cache(maxsize=1)
-def tensorrt_logger():
-    """One ``tensorrt.Logger`` (warnings and errors) per process."""
-    trt = import_tensorrt()
-    return trt.Logger(trt.Logger.WARNING)
 
 
 def network_flags(trt) -> int:

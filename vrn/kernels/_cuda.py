@@ -27,9 +27,12 @@ intrinsics), so the Numba CUDA simulator runs the very same code.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
+from ._checks import check_level, check_volume, classification
 from ._tables import EDGE_AXIS, EDGE_CORNER, TRIANGLE_COUNT, TRIANGLES
 
 WORD_BITS = 32
@@ -439,10 +442,8 @@ class MarchingCubesCUDA:
         input), but the results are views into this object's buffers, valid until its
         next call: no allocation once the buffers have grown to the mesh size.
         """
-        from .marching_cubes import _marching_cubes_cuda
-
         ndim = len(volume.shape)
-        meshes = _marching_cubes_cuda(volume, level, stream, ndim if ndim == 3 else 4,
+        meshes = marching_cubes_cuda(volume, level, stream, ndim if ndim == 3 else 4,
                                       workspace=self, reuse_output=True)
         return meshes[0] if ndim == 3 else meshes
 
@@ -498,3 +499,31 @@ class MarchingCubesCUDA:
                 array.stream = stream
             meshes.append(mesh)
         return meshes
+
+
+_workspaces: dict = {}
+_workspaces_lock = threading.Lock()
+
+
+def marching_cubes_cuda(volumes, level, stream, ndim: int, workspace=None,
+                        reuse_output: bool = False) -> list:
+    """The CUDA path of :func:`vrn.kernels.marching_cubes` (``ndim`` 3) and
+    ``marching_cubes_batch`` (``ndim`` 4): one cached :class:`MarchingCubesCUDA` per shape
+    and device, or ``workspace``."""
+    device_volumes, default_stream = as_device_array(volumes)
+    check_volume(device_volumes.shape, device_volumes.dtype, ndim)
+    level = check_level(level)
+    if ndim == 3:
+        device_volumes = add_batch_axis(device_volumes)
+    if stream is None:
+        stream = default_stream
+    threshold, level, divisor = classification(device_volumes.dtype, level)
+    if workspace is not None:
+        return workspace.run(device_volumes, threshold, level, divisor, stream=stream,
+                             reuse_output=reuse_output)
+    key = (tuple(device_volumes.shape), current_device_id())
+    with _workspaces_lock:
+        workspace = _workspaces.get(key)
+        if workspace is None:
+            workspace = _workspaces[key] = MarchingCubesCUDA(device_volumes.shape)
+        return workspace.run(device_volumes, threshold, level, divisor, stream=stream)

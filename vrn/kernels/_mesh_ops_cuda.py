@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, float64, int64, uint8
 
+from ._checks import check_crop, check_vertices
 from ._cuda import as_device_array
-from .mesh_ops import check_crop, check_vertices
 
 _THREADS = 256
 

@@ -7,17 +7,12 @@ watertight and identical on every run and on both devices.
 
 from __future__ import annotations
 
-import math
-import threading
-from numbers import Real
-
 import numpy as np
 
+from ._checks import check_level, check_volume, classification, is_cuda_array
 from ._cpu import marching_cubes_cpu
 
 __all__ = ["marching_cubes", "marching_cubes_batch", "to_host"]
-
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint8))
 
 
 def marching_cubes(volume, level: float = 0.5, *, stream=None):
@@ -71,8 +66,10 @@ def marching_cubes(volume, level: float = 0.5, *, stream=None):
         ``volume`` is not 3-D or is smaller than 2 in some dimension, or ``level`` is
         not a finite number.
     """
-    if _is_cuda_array(volume):
-        return _marching_cubes_cuda(volume, level, stream, ndim=3)[0]
+    if is_cuda_array(volume):
+        from ._cuda import marching_cubes_cuda  # numba.cuda only when a GPU array arrives
+
+        return marching_cubes_cuda(volume, level, stream, ndim=3)[0]
     return _marching_cubes_numpy(volume, level, ndim=3)[0]
 
 
@@ -93,8 +90,10 @@ def marching_cubes_batch(volumes, level: float = 0.5, *, stream=None) -> list:
         One pair per volume, each indexed from 0. They are views into two arrays shared
         by the batch.
     """
-    if _is_cuda_array(volumes):
-        return _marching_cubes_cuda(volumes, level, stream, ndim=4)
+    if is_cuda_array(volumes):
+        from ._cuda import marching_cubes_cuda
+
+        return marching_cubes_cuda(volumes, level, stream, ndim=4)
     return _marching_cubes_numpy(volumes, level, ndim=4)
 
 
@@ -117,86 +116,12 @@ def _array_to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def _is_cuda_array(obj) -> bool:
-    if type(obj).__module__.startswith("numba.cuda"):  # device arrays, simulated too
-        return True
-    try:
-        return hasattr(obj, "__cuda_array_interface__")
-    except Exception:  # some objects raise from the property instead of AttributeError
-        return False
-
-
-def _check_level(level) -> float:
-    if isinstance(level, (bool, np.bool_)) or not isinstance(level, (Real, np.number)):
-        raise ValueError(f"level must be a real number; got {level!r}")
-    with np.errstate(over="ignore"):
-        level32 = np.float32(level)
-    if not math.isfinite(level32):
-        raise ValueError(f"level must be a finite float32; got {level!r}")
-    return float(level32)
-
-
-def _check_volume(shape: tuple, dtype, ndim: int) -> None:
-    layout = "(D, H, W)" if ndim == 3 else "(N, D, H, W)"
-    if len(shape) != ndim:
-        raise ValueError(f"volume must be {ndim}-D {layout}; got shape {tuple(shape)}")
-    if min(shape[-3:]) < 2:
-        raise ValueError(f"volume must be at least 2 x 2 x 2; got shape {tuple(shape)}")
-    if np.dtype(dtype) not in _DTYPES:
-        raise TypeError(f"volume dtype must be float32, float16 or uint8; got "
-                        f"{np.dtype(dtype)} (convert with .astype(np.float32))")
-
-
-def classification(dtype, level: float) -> tuple[float, float, float]:
-    """``(threshold, level, divisor)`` for the kernels, for volumes of ``dtype``.
-
-    A raw voxel value ``v`` is above the level when ``float32(v) > threshold``; a vertex
-    between raw values ``a`` and ``b`` uses ``a / divisor`` and ``b / divisor``. For
-    uint8 the threshold is the integer cut that makes ``v > threshold`` equal to
-    ``float32(v) / 255 > level``, so uint8 and the float32 volume ``v / 255`` give the
-    same mesh, bit for bit, without converting the volume.
-    """
-    level32 = np.float32(level)
-    if np.dtype(dtype) == np.uint8:
-        scaled = np.arange(256, dtype=np.float32) / np.float32(255)
-        first_above = int(np.argmax(scaled > level32)) if (scaled > level32).any() else 256
-        return float(np.float32(first_above) - np.float32(0.5)), float(level32), 255.0
-    return float(level32), float(level32), 1.0
-
-
 def _marching_cubes_numpy(volumes, level, ndim: int) -> list:
     volumes = np.asarray(volumes)
-    _check_volume(volumes.shape, volumes.dtype, ndim)
-    level = _check_level(level)
+    check_volume(volumes.shape, volumes.dtype, ndim)
+    level = check_level(level)
     volumes = np.ascontiguousarray(volumes)
     if ndim == 3:
         volumes = volumes[None]
     threshold, level, divisor = classification(volumes.dtype, level)
     return marching_cubes_cpu(volumes, threshold, level, divisor)
-
-
-_workspaces: dict = {}
-_workspaces_lock = threading.Lock()
-
-
-def _marching_cubes_cuda(volumes, level, stream, ndim: int, workspace=None,
-                         reuse_output: bool = False) -> list:
-    from . import _cuda  # imports numba.cuda only when a GPU array arrives
-
-    device_volumes, default_stream = _cuda.as_device_array(volumes)
-    _check_volume(device_volumes.shape, device_volumes.dtype, ndim)
-    level = _check_level(level)
-    if ndim == 3:
-        device_volumes = _cuda.add_batch_axis(device_volumes)
-    if stream is None:
-        stream = default_stream
-    threshold, level, divisor = classification(device_volumes.dtype, level)
-    if workspace is not None:
-        return workspace.run(device_volumes, threshold, level, divisor, stream=stream,
-                             reuse_output=reuse_output)
-    key = (tuple(device_volumes.shape), _cuda.current_device_id())
-    with _workspaces_lock:
-        workspace = _workspaces.get(key)
-        if workspace is None:
-            workspace = _workspaces[key] = _cuda.MarchingCubesCUDA(device_volumes.shape)
-        return workspace.run(device_volumes, threshold, level, divisor, stream=stream)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .marching_cubes import _is_cuda_array
+from ._checks import check_crop, check_vertices, is_cuda_array
 
 __all__ = ["photo_z_scale", "transform_vertices", "vertex_colors"]
 
@@ -57,7 +57,7 @@ def transform_vertices(vertices, crop_to_photo, *, z_scale: float = 0.5, out=Non
     coefficients[[0, 1, 3, 4]] = matrix[:, :2].astype(np.float32).ravel()
     coefficients[[2, 5]] = matrix[:, 2]
     coefficients[6] = np.float32(photo_z_scale(matrix, z_scale))
-    if _is_cuda_array(vertices):
+    if is_cuda_array(vertices):
         from . import _mesh_ops_cuda
 
         return _mesh_ops_cuda.transform_vertices(vertices, coefficients, out)
@@ -90,7 +90,7 @@ def vertex_colors(crop, vertices, *, out=None):
         On the GPU when ``vertices`` is a CUDA array (``crop`` is then copied there if
         it is a NumPy array).
     """
-    if _is_cuda_array(vertices):
+    if is_cuda_array(vertices):
         from . import _mesh_ops_cuda
 
         return _mesh_ops_cuda.vertex_colors(crop, vertices, out)
@@ -119,22 +119,6 @@ def _output(out, shape, dtype) -> np.ndarray:
     if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype:
         raise ValueError(f"out must be a {np.dtype(dtype)} NumPy array of shape {shape}")
     return out
-
-
-def check_vertices(shape, dtype) -> None:
-    """Raise unless ``shape`` and ``dtype`` describe ``(V, 3)`` float32 vertices."""
-    if len(shape) != 2 or shape[1] != 3:
-        raise ValueError(f"vertices must have shape (V, 3); got {tuple(shape)}")
-    if np.dtype(dtype) != np.float32:
-        raise TypeError(f"vertices must be float32; got {np.dtype(dtype)}")
-
-
-def check_crop(shape, dtype) -> None:
-    """Raise unless ``shape`` and ``dtype`` describe a ``(3, H, W)`` float32 crop."""
-    if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
-        raise ValueError(f"crop must have shape (3, H, W); got {tuple(shape)}")
-    if np.dtype(dtype) != np.float32:
-        raise TypeError(f"crop must be float32; got {np.dtype(dtype)}")
 
 
 @njit(nogil=True, cache=True)

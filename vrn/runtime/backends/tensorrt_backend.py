@@ -52,7 +52,7 @@ class TensorRTBackend:
     def __init__(self, engine_path: str | os.PathLike, *, device_id: int = 0,
                  cuda_graphs: bool = False):
         from ...export.engine_file import load_engine
-        from ...export.tensorrt_build import import_tensorrt
+        from ...export.tensorrt_lib import import_tensorrt
 
         trt = import_tensorrt()  # BackendUnavailableError saying why when it cannot
         self.path = Path(engine_path)
