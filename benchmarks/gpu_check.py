@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vrn.bench.validation import MIN_IOU  # IoU a reduced precision must reach against fp32
+from vrn.runtime.backends.cuda_arrays import torch_cuda
+
 RESULTS = Path(__file__).resolve().parent / "results"
-MIN_IOU = 0.98  # occupancy IoU a reduced-precision backend must reach against CPU fp32
 
 
 @dataclass
@@ -121,16 +123,6 @@ def _time_ms(fn, repeats: int = 20, warmup: int = 3) -> dict:
             "mean_ms": round(float(np.mean(samples)), 3)}
 
 
-def _torch_cuda():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
-
-
-# ---------------------------------------------------------------------------- checks
-
 def check_cpu_reference(ctx: Context) -> dict:
     """On any machine: the inputs the GPU checks share (the sample photo's crops, made
     by the pipeline's landmark crop, and their landmarks in crop pixels) and the CPU
@@ -168,7 +160,7 @@ def check_cpu_reference(ctx: Context) -> dict:
 def check_torch_fp16_vs_cpu_fp32(ctx: Context) -> dict:
     """PyTorch CUDA fp16 (channels-last, with and without CUDA graphs) against CPU fp32:
     occupancy IoU on face crops, and the batch-1 inference time."""
-    torch = _torch_cuda()
+    torch = torch_cuda()
     if torch is None:
         return {"status": "skip", "detail": "torch has no CUDA"}
     from vrn.runtime.backends import TorchBackend
@@ -234,7 +226,7 @@ def _count_host_copies(torch):
 def _pipeline_zero_copy(ctx: Context, backend) -> dict:
     """Run one frame of the pipeline on ``backend`` (several faces, one batch) and count
     device-to-host copies; the volume must not be among them."""
-    torch = _torch_cuda()
+    torch = torch_cuda()
     from vrn.runtime.pipeline import Reconstructor
 
     ctx.crops()
@@ -274,7 +266,7 @@ def _pipeline_zero_copy(ctx: Context, backend) -> dict:
 def check_zero_copy_pipeline(ctx: Context) -> dict:
     """The torch CUDA fp16 pipeline: the volume stays on the GPU (only mesh-sized copies
     reach the host), and the GPU mesh equals the CPU mesh for the same volume."""
-    torch = _torch_cuda()
+    torch = torch_cuda()
     if torch is None:
         return {"status": "skip", "detail": "torch has no CUDA"}
     from vrn.runtime.backends import TorchBackend
@@ -303,7 +295,7 @@ def check_tensorrt(ctx: Context) -> dict:
         importlib.import_module("tensorrt")
     except ImportError as exc:
         return {"status": "skip", "detail": f"tensorrt does not import ({exc})"}
-    torch = _torch_cuda()
+    torch = torch_cuda()
     from vrn.export.tensorrt_build import build_engine
     from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
 
@@ -357,7 +349,7 @@ def check_onnxruntime_gpu(ctx: Context) -> dict:
     volumes = infer_each(backend, crops, landmarks)
     error = float(np.abs(volumes - reference).max())
     iou = min(occupancy_iou(v, r) for v, r in zip(volumes, reference))
-    torch = _torch_cuda()
+    torch = torch_cuda()
     on_device = (backend.infer(torch.from_numpy(crops[:1]).cuda(), landmarks[:1])
                  if torch else None)
     ok = iou >= MIN_IOU and (on_device is None or on_device.is_cuda)
@@ -410,7 +402,7 @@ CHECKS = [
 
 
 def system_summary() -> dict:
-    torch = _torch_cuda()
+    torch = torch_cuda()
     info = {"python": platform.python_version(), "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch else None}
     for module in ("torch", "numba", "onnxruntime", "tensorrt"):

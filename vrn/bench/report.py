@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic
 from .runner import FRAME_STAGES, GPU_PHASES, SCHEMA, passes_validation
+from .validation import MIN_IOU
 
 RESULTS_MD_HEADER = """# vrn-edge benchmark results
 
@@ -343,7 +344,7 @@ def write_results_md(folder: str | os.PathLike = "benchmarks", *, plots: bool = 
     if not reports:
         raise FileNotFoundError(f"{folder / 'results'}: no vrn-bench result files (*.json)")
     out = [RESULTS_MD_HEADER,
-           "| date | machine | model | fastest end to end, IoU >= 0.98 (ms) | file |",
+           f"| date | machine | model | fastest end to end, IoU >= {MIN_IOU} (ms) | file |",
            "|---|---|---|---|---|"]
     for path, report in reports:
         best = min((r for r in report["runs"] if passes_validation(report, r)),

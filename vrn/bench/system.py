@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..runtime.backends import onnxruntime_providers
+
 # CPU features that decide which reduced-precision paths are fast.
 CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "amx_bf16", "amx_int8", "amx_tile", "asimd", "asimdhp", "bf16", "i8mm")
@@ -156,14 +158,6 @@ def jetson_info() -> dict | None:
     else:
         info["power_mode"] = None  # needs nvpmodel on PATH (and sometimes root)
     return info
-
-
-def onnxruntime_providers() -> list[str] | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return list(onnxruntime.get_available_providers())
 
 
 # Environment variables that change how the thread pools of torch (OpenMP), numba and

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..export.exporter import DEFAULT_MAX_BATCH, Exporter
-    from ..export.onnx_export import DEFAULT_OPSET, onnx_metadata
+    from ..export.exporter import Exporter
+    from ..export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, onnx_metadata
 
     try:
         if args.from_onnx:

@@ -29,7 +29,7 @@ from ..errors import BackendUnavailableError, VRNError
 from ..model import BN_MODES, GUIDED_ARCHITECTURES, count_parameters, load_model, set_bn_mode
 from ..model.checkpoint import model_info
 from .engine_file import current_gpu, sha256_file, sidecar_path
-from .onnx_export import BATCH_DIM, DEFAULT_OPSET, export_onnx, graph_io
+from .onnx_export import BATCH_DIM, DEFAULT_MAX_BATCH, DEFAULT_OPSET, export_onnx, graph_io
 from .parity import (ParityReport, check_parity, format_table, onnxruntime_runner,
                      parity_inputs, torch_runner)
 
@@ -40,7 +40,6 @@ LANDMARKS_MAX_ABS_PX = 1e-2  # landmark parity: largest difference, 120-pixel cr
 REPORT_NAME = "export.json"
 REPORT_FORMAT = "vrn-export/1"
 ENGINE_MODES = ("auto", "yes", "no")
-DEFAULT_MAX_BATCH = 4
 
 
 class ExportError(VRNError):

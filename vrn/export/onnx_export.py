@@ -39,6 +39,9 @@ LANDMARKS_NAME = "landmarks"
 OUTPUT_NAME = "volume"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 20
+# The largest batch an exported graph (and an engine built from it) takes by default:
+# the pipeline batches the faces of one frame, rarely more than 4.
+DEFAULT_MAX_BATCH = 4
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one self-contained file
 
 # Every op a VRN graph may hold; anything else (a Cast, a Transpose) is an exporter
@@ -308,7 +311,8 @@ def trace_to_onnx(prepared: nn.Module, *, max_batch: int, opset: int) -> onnx.Mo
     return proto
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, max_batch: int = 4,
+def export_onnx(model: nn.Module, path: str | os.PathLike, *,
+                max_batch: int = DEFAULT_MAX_BATCH,
                 opset: int = DEFAULT_OPSET, bn_mode: str | None = None,
                 metadata: dict[str, str] | None = None) -> OnnxExport:
     """Export ``model``'s volume graph to ``path`` as one self-contained fp32 ONNX file.

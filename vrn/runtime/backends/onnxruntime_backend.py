@@ -29,12 +29,12 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, VRNError
 from .base import checked_landmarks
+from .cuda_arrays import device_pointer, torch_cuda
 from .onnx_cache import UnreadableOnnxError, cached_file, open_cached
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
 CACHE_ENV = "VRN_CACHE_DIR"
-EXPORT_MAX_BATCH = 4
 EXPORT_VERSION = 3  # part of the cache key: bump when the exported graph's interface changes
 
 
@@ -160,7 +160,7 @@ class OnnxRuntimeBackend:
         if provider == "cpu":
             return ["CPUExecutionProvider"]
         cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
-        torch = _torch_cuda()
+        torch = torch_cuda()
         if torch is not None:
             # ORT treats stream 0 as "none": give it a stream of its own that torch
             # also knows, so the bound tensors are ordered with it.
@@ -175,9 +175,11 @@ class OnnxRuntimeBackend:
                    "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
             if graph.dynamic_batch:
+                from ...export.onnx_export import DEFAULT_MAX_BATCH
+
                 shape = f"x3x{graph.input_size}x{graph.input_size}"
                 profiles = {}
-                for batch, key in ((1, "min"), (1, "opt"), (EXPORT_MAX_BATCH, "max")):
+                for batch, key in ((1, "min"), (1, "opt"), (DEFAULT_MAX_BATCH, "max")):
                     dims = [f"{graph.input_name}:{batch}{shape}"]
                     if graph.landmarks_name:
                         dims.append(f"{graph.landmarks_name}:{batch}x68x3")
@@ -228,7 +230,7 @@ class OnnxRuntimeBackend:
         """GPU providers: IO binding on CUDA memory, torch tensors as the buffers when
         torch has CUDA, else numba-cuda device arrays."""
         binding = self.session.io_binding()
-        torch = _torch_cuda()
+        torch = torch_cuda()
         if landmarks is not None:
             # Host memory: ORT copies these 544 bytes per image itself.
             binding.bind_cpu_input(self.landmarks_name, landmarks)
@@ -257,7 +259,7 @@ class OnnxRuntimeBackend:
             x = cuda.to_device(np.ascontiguousarray(batch, dtype=np.float32))
         y = cuda.device_array((x.shape[0], self.out_depth, self.input_size, self.input_size),
                               dtype=np.float32)
-        self._bind(binding, _pointer(x), tuple(x.shape), _pointer(y), tuple(y.shape))
+        self._bind(binding, device_pointer(x), tuple(x.shape), device_pointer(y), tuple(y.shape))
         self.session.run_with_iobinding(binding)  # synchronises its stream at the end
         return y if on_device else y.copy_to_host()
 
@@ -324,15 +326,16 @@ def check_provider(provider: str) -> str:
 
 
 def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
-                max_batch: int = EXPORT_MAX_BATCH, fp16: bool = False) -> Path:
+                max_batch: int | None = None, fp16: bool = False) -> Path:
     """The ONNX export of ``model`` in the cache, exported now if missing or corrupt
     (atomically, so concurrent or interrupted exports never leave a partial file; see
     :func:`.onnx_cache.cached_file`). The file name is a hash of the weights, the model
     description and the export settings; ``fp16`` gives the fp16 conversion of that
-    file."""
-    from ...export.onnx_export import DEFAULT_OPSET, export_onnx
+    file. ``max_batch`` defaults to the export's (4)."""
+    from ...export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, export_onnx
     from ...model import model_info
 
+    max_batch = max_batch or DEFAULT_MAX_BATCH
     info = model_info(model)
     key = hashlib.sha256()
     meta = info.to_metadata()
@@ -388,17 +391,3 @@ class _GraphFacts:
             return ModelInfo.from_metadata(self.metadata)
         except (KeyError, ValueError, TypeError):
             return None
-
-
-def _pointer(array) -> int:
-    """Device address of a CUDA array (``__cuda_array_interface__``)."""
-    return int(array.__cuda_array_interface__["data"][0])
-
-
-def _torch_cuda():
-    """The torch module when it has CUDA, else ``None``."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None

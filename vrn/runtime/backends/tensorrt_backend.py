@@ -28,6 +28,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, EngineError
 from .base import checked_landmarks
+from .cuda_arrays import device_pointer, torch_cuda
 
 
 class TensorRTBackend:
@@ -58,7 +59,7 @@ class TensorRTBackend:
         self.path = Path(engine_path)
         self.device_id = device_id
         self._trt = trt
-        self._torch = _torch_cuda()
+        self._torch = torch_cuda()
         if cuda_graphs and self._torch is None:
             raise BackendUnavailableError("tensorrt backend: CUDA graphs need a CUDA build "
                                           "of torch")
@@ -235,9 +236,9 @@ class TensorRTBackend:
             if not self.context.set_input_shape(self.landmarks_name, (n, 68, 3)):
                 raise EngineError(f"{self.path}: landmarks batch {n} is outside the "
                                   "engine's profile")
-            self.context.set_tensor_address(self.landmarks_name, _pointer(guide))
-        self.context.set_tensor_address(self.input_name, _pointer(x))
-        self.context.set_tensor_address(self.output_name, _pointer(y))
+            self.context.set_tensor_address(self.landmarks_name, device_pointer(guide))
+        self.context.set_tensor_address(self.input_name, device_pointer(x))
+        self.context.set_tensor_address(self.output_name, device_pointer(y))
         if not self.context.execute_async_v3(self.stream_handle):
             raise EngineError(f"{self.path}: execute_async_v3 failed (see TensorRT's log)")
 
@@ -315,11 +316,6 @@ _TORCH_DTYPES = {"float32": lambda torch: torch.float32,
                  "float16": lambda torch: torch.float16}
 
 
-def _pointer(array) -> int:
-    """Device address of a CUDA array (``__cuda_array_interface__``)."""
-    return int(array.__cuda_array_interface__["data"][0])
-
-
 def _model_info(onnx_path: Path):
     """The :class:`~vrn.model.ModelInfo` stored in the metadata of the ONNX file the
     engine was built from (when that file is still beside the engine)."""
@@ -336,11 +332,3 @@ def _model_info(onnx_path: Path):
         return ModelInfo.from_metadata(meta)
     except (KeyError, ValueError, TypeError):
         return None
-
-
-def _torch_cuda():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
