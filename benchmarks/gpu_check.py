@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrn.bench.validation import MIN_IOU  # IoU a reduced precision must reach against fp32
+from vrn.bench.validation import MIN_IOU, occupancy_iou
 from vrn.runtime.backends.cuda_arrays import torch_cuda
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,12 +102,6 @@ def infer_each(backend, crops: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     ``crops`` ``(N, 3, S, S)`` with their ``landmarks`` ``(N, 68, 3)``."""
     return np.concatenate([np.asarray(backend.infer(crops[i:i + 1], landmarks[i:i + 1]))
                            for i in range(len(crops))])
-
-
-def occupancy_iou(a: np.ndarray, b: np.ndarray, level: float = 0.5) -> float:
-    a, b = np.asarray(a) > level, np.asarray(b) > level
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 def _time_ms(fn, repeats: int = 20, warmup: int = 3) -> dict:
