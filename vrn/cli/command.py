@@ -29,6 +29,13 @@ class UsageError(VRNError):
     """A bad combination or value of options found after parsing (exit code 2)."""
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: our own errors' messages as they are, others prefixed with
+    their type (``OSError: [Errno 28] No space left on device``)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, VRNError) else f"{type(exc).__name__}: {text}"
+
+
 def run_command(prog: str, parser: argparse.ArgumentParser,
                 body: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """Parse ``argv`` with ``parser`` (plus ``--debug``) and run ``body(args)`` under the
@@ -57,8 +64,8 @@ def run_command(prog: str, parser: argparse.ArgumentParser,
                 traceback.print_exc()
                 return ERROR_EXIT
             log = _write_traceback(prog)
-            print(f"{prog}: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
-                  f"(traceback in {log}; --debug prints it)", file=sys.stderr)
+            print(f"{prog}: unexpected {describe_error(exc)} (traceback in {log}; --debug "
+                  "prints it)", file=sys.stderr)
             return ERROR_EXIT
 
 

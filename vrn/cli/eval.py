@@ -26,7 +26,7 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..errors import VRNError
-from .command import run_command
+from .command import describe_error, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +82,6 @@ class _LandmarkCropReconstructor:
         return np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
 
 
-def _describe(exc: Exception) -> str:
-    """One line for an error: our own errors as they are, others with their type."""
-    return str(exc) if isinstance(exc, VRNError) else f"{type(exc).__name__}: {exc}"
-
-
 def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: str = "auto",
              crop: str = "pipeline", icp_iterations: int = 30, limit: int | None = None,
              progress: bool = True) -> dict:
@@ -124,7 +119,7 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
             rows.append({"image": name, "yaw_degrees": None, "nme": None, "nme_icp": None,
                          "baseline_nme": None, "baseline_nme_icp": None,
                          "ours_baseline_nme": None, "ours_baseline_nme_icp": None,
-                         "error": f"{name}: {_describe(exc)}"})
+                         "error": f"{name}: {describe_error(exc)}"})
             continue
         h, w = rec.image.shape[:2]
         gt_faces = bfm.triangles
@@ -152,7 +147,7 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
                 row["ours_baseline_nme"] = ours.depth_aligned
                 row["ours_baseline_nme_icp"] = ours.icp
         except Exception as exc:
-            pipeline_error = f"{name}: {_describe(exc)}"
+            pipeline_error = f"{name}: {describe_error(exc)}"
         try:
             if meshes:
                 obj = Path(meshes) / f"{rec.path.stem}.obj"
@@ -174,7 +169,7 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
         except Exception as exc:
             failed.append(name)
             row["error"] = str(exc) if isinstance(exc, (VRNError, FileNotFoundError)) else \
-                f"{name}: {_describe(exc)}"
+                f"{name}: {describe_error(exc)}"
         rows.append(row)
     scored = [r for r in rows if r["nme"] is not None]
     mean = {key: (float(np.mean([r[key] for r in scored])) if scored else None)

@@ -19,7 +19,7 @@ from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
 from ..runtime.image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
 from ..signals import interrupt_exit, interrupt_word
-from .command import UsageError, run_command
+from .command import UsageError, describe_error, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         except Exception as exc:  # one bad file (disk full, a decoder's refusal) is one line
-            print(f"error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"error: {path}: {describe_error(exc)}", file=sys.stderr)
             failed += 1
             continue
         meshes += written
