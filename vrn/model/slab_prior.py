@@ -72,7 +72,8 @@ class SlabPrior(nn.Module):
     """The face slab prior (see the module docstring).
 
     ``forward(landmarks (N, 68, 3) float32 crop px (x, y, z toward the camera), points
-    (J, 68)) -> (N, depth, size, size)`` float32 logits in voxels, on the crop grid
+    (J, 68)) -> (N, depth, size, size)`` float32 logits (``logit_scale`` per voxel of
+    distance to the slab's surface), on the crop grid
     ``linspace(0, crop - 1, size)`` (``align_corners`` sampling of a ``crop``-pixel crop).
     Buffers ``reference_pinv`` ``(3, 68)`` and ``neighbours`` ``(J, K)`` int64 are
     fitted with the surface points and saved with the model.
