@@ -349,6 +349,7 @@ class BackendFactory:
         return self._file("onnx_fp32", lambda: cached_onnx(self.model, self.cache_dir))
 
     def onnx_int8(self, recipe: str) -> Path:
+        from ..runtime.backends.onnx_cache import cached_file
         from .quantize import RECIPE_VERSION, quantize_int8
 
         fp32 = self.onnx_fp32()
@@ -357,22 +358,15 @@ class BackendFactory:
             digest.update(np.ascontiguousarray(self.calibration).tobytes())
             digest.update(np.ascontiguousarray(self.calibration_landmarks).tobytes())
         path = fp32.with_name(f"{fp32.stem}.{recipe}-{digest.hexdigest()[:12]}.onnx")
-        return self._file(recipe, lambda: path if path.is_file() else quantize_int8(
-            fp32, path, recipe=recipe, calibration=self.calibration,
-            calibration_landmarks=self.calibration_landmarks))
+        return self._file(recipe, lambda: cached_file(path, lambda tmp: quantize_int8(
+            fp32, tmp, recipe=recipe, calibration=self.calibration,
+            calibration_landmarks=self.calibration_landmarks)))
 
     def onnx_fp16(self) -> Path:
-        from ..export.fp16 import export_fp16
+        from ..runtime.backends.onnxruntime_backend import cached_onnx
 
-        fp32 = self.onnx_fp32()
-        path = fp32.with_name(f"{fp32.stem}.fp16.onnx")
-
-        def make():
-            if not path.is_file():
-                export_fp16(fp32, path)
-            return path
-
-        return self._file("onnx_fp16", make)
+        return self._file("onnx_fp16", lambda: cached_onnx(self.model, self.cache_dir,
+                                                           fp16=True))
 
     def build(self, combo: Combo):
         """The backend, or :class:`BackendUnavailableError` saying why not. torch on
