@@ -58,7 +58,7 @@ class Context:
         if "crops" not in self.cache:
             from vrn.runtime.crop import to_network_input
             from vrn.runtime.detect import FaceBox, create_detector
-            from vrn.runtime.image_io import load_image, sample_image_path
+            from vrn.image_io import load_image, sample_image_path
             from vrn.runtime.landmarks import LandmarkStage
             from vrn.runtime.pipeline import landmark_crops
 

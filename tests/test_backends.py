@@ -55,7 +55,7 @@ def pipeline_crops():
     ``(2, 68, 3)`` float32 crop pixels."""
     from vrn.runtime.crop import to_network_input
     from vrn.runtime.detect import FaceBox
-    from vrn.runtime.image_io import load_image, sample_image_path
+    from vrn.image_io import load_image, sample_image_path
     from vrn.runtime.landmarks import LandmarkStage
     from vrn.runtime.pipeline import landmark_crops
 
@@ -258,7 +258,7 @@ def guided_backends(guided_weights, cache_dir):
 def sample_face():
     """The bundled photo through the pipeline's :func:`~vrn.runtime.pipeline.face_crops`:
     ``(N, 3, 192, 192)`` crops and ``(N, 68, 3)`` crop-pixel landmarks."""
-    from vrn.runtime.image_io import load_image, sample_image_path
+    from vrn.image_io import load_image, sample_image_path
     from vrn.runtime.pipeline import face_crops
 
     crops, landmarks = face_crops(load_image(sample_image_path()))

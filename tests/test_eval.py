@@ -148,3 +148,17 @@ def test_one_corrupt_mat_costs_one_row(tmp_path, capsys, content):
     results = json.loads(out_json.read_text())
     assert results["failed"] == ["image00001.jpg"]
     assert results["images"][1]["nme"] < 1e-3
+
+
+def test_dataset_images_get_the_image_limits(tmp_path, monkeypatch):
+    """vrn-eval reads the dataset's photos through the one image reader, limits included."""
+    from vrn.data.aflw import AFLWFolder
+    from vrn.data.bfm import load_bfm
+    from vrn.errors import ImageError
+
+    basis, face = write_bfm(tmp_path / "bfm")
+    write_aflw_sample(tmp_path / "data", "image00001")
+    folder = AFLWFolder(tmp_path / "data", load_bfm(basis, face))
+    monkeypatch.setenv("VRN_MAX_PIXELS", "1000")
+    with pytest.raises(ImageError, match="image00001.jpg"):
+        folder.record(0)

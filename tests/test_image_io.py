@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from vrn.errors import ImageError
-from vrn.runtime.image_io import as_rgb_uint8, load_image, sample_image_path
+from vrn.image_io import as_rgb_uint8, load_image, sample_image_path
 
 
 def test_sample_image_is_rgb():

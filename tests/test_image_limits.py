@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from vrn.errors import ImageError
-from vrn.runtime import image_io
+from vrn import image_io
 from vrn.runtime.capture import CaptureError, FrameGrabber, open_video_source
-from vrn.runtime.image_io import MAX_BYTES, MAX_PIXELS, load_image, sample_image_path
+from vrn.image_io import MAX_BYTES, MAX_PIXELS, load_image, sample_image_path
 
 
 def _bomb_png(path, width=30000, height=30000):

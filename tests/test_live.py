@@ -22,7 +22,7 @@ import torch
 from vrn.cli.live import main
 from vrn.runtime.capture import CaptureError, FrameGrabber
 from vrn.runtime.detect import FaceBox
-from vrn.runtime.image_io import sample_image_path
+from vrn.image_io import sample_image_path
 from vrn.runtime.tracking import FaceTracker
 
 FRAME_SIZE = 320

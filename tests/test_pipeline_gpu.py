@@ -40,7 +40,7 @@ def _model(plane: bool = False, guided: bool = False):
 
 @pytest.fixture(scope="module")
 def photo():
-    from vrn.runtime.image_io import load_image, sample_image_path
+    from vrn.image_io import load_image, sample_image_path
 
     return load_image(sample_image_path())
 

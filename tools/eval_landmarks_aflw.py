@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vrn.runtime.detect import FaceBox, YuNetFaceDetector  # noqa: E402
-from vrn.runtime.image_io import load_image  # noqa: E402
+from vrn.image_io import load_image  # noqa: E402
 from vrn.runtime.landmarks import (BOX_SCALE, BOX_SHIFT, LandmarkStage,  # noqa: E402
                                    box_to_crop_box, landmarks_to_crop_box)
 

@@ -140,7 +140,7 @@ class FrameSource:
     def __init__(self, path: str | os.PathLike | None = None):
         import cv2
 
-        from ..runtime.image_io import sample_image_path
+        from ..image_io import sample_image_path
 
         self._cv2 = cv2
         self.path = Path(path) if path is not None else sample_image_path()
@@ -606,7 +606,7 @@ def _validation_crops(settings: BenchSettings, detector, landmark_stage, size: i
     """Face crops ``(N, 3, S, S)``, their landmarks ``(N, 68, 3)`` crop pixels and names,
     of the source image (when it is one), the sample photo and the ``validate_with``
     photos, in that order."""
-    from ..runtime.image_io import sample_image_path
+    from ..image_io import sample_image_path
     from .validation import face_crops, image_files
 
     sample = sample_image_path()

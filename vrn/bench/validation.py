@@ -29,7 +29,7 @@ def occupancy_iou(reference: np.ndarray, candidate: np.ndarray, *, level: float 
 
 def image_files(paths: list[str | os.PathLike]) -> list[Path]:
     """Image files among ``paths``, folders expanded (sorted); missing paths raise."""
-    from ..runtime.image_io import collect_images
+    from ..image_io import collect_images
 
     files, problems = collect_images(paths)
     missing = [p for p in problems if p.endswith("file not found")]
@@ -52,7 +52,7 @@ def face_crops(images: list[str | os.PathLike], *, size: int, detector=None,
     ``landmark_stage`` default to the pipeline's (build them once for many calls).
     """
     from ..runtime.detect import create_detector
-    from ..runtime.image_io import load_image
+    from ..image_io import load_image
     from ..runtime.landmarks import LandmarkStage
     from ..runtime.pipeline import face_crops as crops_of
 

@@ -17,7 +17,7 @@ def moving_face_video(path: str | os.PathLike, *, frames: int = 120, size: int =
     +10 degrees, shifted 40 px sideways and bobbing 10 px) as an MJPG ``.avi``."""
     import cv2
 
-    from ..runtime.image_io import sample_image_path
+    from ..image_io import sample_image_path
 
     path = Path(path)
     photo = cv2.imread(str(sample_image_path()))

@@ -16,7 +16,7 @@ import numpy as np
 from ..atomic import write_bytes_atomic
 from ..errors import VRNError
 from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
-from ..runtime.image_io import collect_images, load_image, sample_image_path
+from ..image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
 from ..signals import interrupt_exit, interrupt_word
 from .command import UsageError, describe_error, run_command

@@ -15,10 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from ..errors import ImageError, VRNError
+from ..errors import VRNError
+from ..image_io import load_image
 from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix, points_to_crop, warp_crop
 from .bfm import BFM, crop_rotation, pose_vertices
 from .voxelize import THICKNESS, VOLUME_DEPTH, column_runs
@@ -116,10 +116,7 @@ class AFLWFolder:
 
     def record(self, index: int) -> AFLWRecord:
         path = self.paths[index]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ImageError(f"{path}: cannot decode image")
-        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        image = load_image(path)  # the byte and pixel limits, EXIF orientation
         fit = read_fit(path.with_suffix(".mat"))
         model = self.bfm.vertices(fit["shape"], fit["expression"])
         vertices = pose_vertices(model, fit["pose"], image.shape[0])

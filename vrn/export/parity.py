@@ -136,7 +136,7 @@ def face_images(size: int) -> list[ParityInput]:
     landmarks, the landmark crop: :func:`vrn.runtime.pipeline.face_crops`): image
     ``(1, 3, size, size)`` and landmarks ``(1, 68, 3)`` each."""
     from ..runtime.pipeline import face_crops
-    from ..runtime.image_io import load_image, sample_image_path
+    from ..image_io import load_image, sample_image_path
 
     batch, landmarks = face_crops(load_image(sample_image_path()), size=size)
     return [ParityInput(f"face {k}", crop[None], lm[None])

@@ -11,7 +11,7 @@ exponential back-off; after ``reconnect_attempts`` failed reopenings the grabber
 cleanly and :attr:`FrameGrabber.error` says why. A file simply ends.
 
 Frames are ``(H, W, 3)`` uint8 RGB, like everything else in :mod:`vrn.runtime`, and at
-most :data:`~vrn.runtime.image_io.MAX_PIXELS` pixels (``VRN_MAX_PIXELS``): a source whose
+most :data:`~vrn.image_io.MAX_PIXELS` pixels (``VRN_MAX_PIXELS``): a source whose
 frames are larger fails with :class:`CaptureError`.
 """
 
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from ..errors import VRNError
-from .image_io import pixel_limit
+from ..image_io import pixel_limit
 
 
 class CaptureError(VRNError):

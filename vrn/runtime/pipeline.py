@@ -27,7 +27,7 @@ from ..kernels import marching_cubes_batch, to_host, transform_vertices, vertex_
 from .crop import (CROP_SIZE, invert_affine, landmarks_crop_matrix, points_to_crop,
                    to_network_input, warp_crop)
 from .detect import FaceBox, create_detector
-from .image_io import as_rgb_uint8
+from ..image_io import as_rgb_uint8
 from .landmarks import LandmarkStage
 from .mesh import FaceMesh
 from .timing import StageTimer
@@ -262,7 +262,7 @@ def reconstruct(image, weights: str | os.PathLike | None = None, *, all_faces: b
     """One-call API: reconstruct the faces in ``image`` (a path or an ``(H, W, 3)`` uint8
     RGB array). Raises :class:`~vrn.errors.NoFaceError` when no face is found. Builds a
     :class:`Reconstructor` per call; keep one yourself for many images."""
-    from .image_io import load_image
+    from ..image_io import load_image
 
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)

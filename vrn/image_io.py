@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..errors import ImageError
+from .errors import ImageError
 
 MIN_IMAGE_SIDE = 32
 MAX_PIXELS = 50_000_000
@@ -151,7 +151,7 @@ def as_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
 
 def sample_image_path() -> Path:
     """The bundled sample photo: ``skimage.data.astronaut()`` (public domain, NASA)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "astronaut.jpg"
+    return Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp",
