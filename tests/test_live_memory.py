@@ -51,3 +51,23 @@ def test_save_mesh_releases_the_trimesh_without_a_collection(fmt, tmp_path, monk
     loaded = trimesh.load(tmp_path / f"frame_4.{fmt}", process=False, force="mesh")
     np.testing.assert_allclose(loaded.vertices, mesh.vertices, atol=1e-4)
     np.testing.assert_array_equal(loaded.visual.vertex_colors[:, :3], mesh.colors)
+
+
+def test_live_stats_keep_a_bounded_window(monkeypatch):
+    """Per-stage timings are kept for the last STATS_WINDOW frames only, however long
+    the loop runs; the frame count and the recent means stay exact."""
+    import types
+
+    import vrn.runtime.live as live
+
+    monkeypatch.setattr(live, "STATS_WINDOW", 50)
+    stats = live.LiveStats()
+    for i in range(500):
+        frame = types.SimpleNamespace(timestamp=i * 0.05, index=i)
+        item = types.SimpleNamespace(result=types.SimpleNamespace(faces=[]), done_at=i * 0.05,
+                                     frame=frame, timings_ms={"infer": float(i)})
+        stats.add(item)
+    assert stats.frames == 500
+    assert len(stats.stage_ms["infer"]) == 50
+    assert stats.recent_ms("infer", last=10) == np.mean(np.arange(490, 500))
+    assert stats.summary()["stages_ms"]["infer"]["p50"] == np.median(np.arange(450, 500))

@@ -19,13 +19,14 @@ at the end, so the final name only ever holds a playable file) and a summary is 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -64,16 +65,23 @@ class LiveFrame:
     done_at: float = 0.0
 
 
+# Per-stage timings kept for the summary's percentiles: the last half hour at 20 FPS, so
+# a loop that runs for days holds a bounded amount (about 10 MB), not a growing one.
+STATS_WINDOW = 36_000
+
+
 @dataclass
 class LiveStats:
-    """Frame counts and per-stage milliseconds of a run."""
+    """Frame counts of a run, and per-stage milliseconds of its last
+    :data:`STATS_WINDOW` frames."""
 
     frames: int = 0
     frames_with_faces: int = 0
     started_at: float = field(default_factory=time.perf_counter)
     first_done_at: float | None = None
     last_done_at: float | None = None
-    stage_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    stage_ms: dict[str, deque] = field(
+        default_factory=lambda: defaultdict(lambda: deque(maxlen=STATS_WINDOW)))
     records: list[dict] | None = None
 
     def add(self, item: LiveFrame, extra_ms: dict[str, float] | None = None) -> None:
@@ -108,7 +116,7 @@ class LiveStats:
         return (self.frames - 1) / span if span > 0 else 0.0
 
     def recent_ms(self, stage: str, last: int = 30) -> float:
-        values = self.stage_ms.get(stage, [])[-last:]
+        values = list(itertools.islice(reversed(self.stage_ms.get(stage, ())), last))
         return float(np.mean(values)) if values else 0.0
 
     def line(self, dropped: int = 0) -> str:
