@@ -832,6 +832,8 @@ def test_engine_yes_without_tensorrt_fails_cleanly(small_weights, fast_export, t
     with pytest.raises(ExportError, match="cannot build a TensorRT engine"):
         Exporter(out, engine="yes", verify=False, out=_Lines([])).export(small_weights)
     assert not (out / "export.json").exists()
+    # The targets that do not depend on the engine are still written.
+    assert (out / "vrn.onnx").is_file() and (out / "landmarks.onnx").is_file()
 
 
 def test_interrupted_export_leaves_no_partial_file(small_weights, fast_export, tmp_path,

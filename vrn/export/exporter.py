@@ -145,7 +145,11 @@ class Exporter:
                         "fp16", trained=info.trained), slow=True)
             self.files.append(fp16_path)
             target = fp16_path
-        engine_meta = self._engine_steps(target, inputs, trained=info.trained)
+        try:
+            engine_meta = self._engine_steps(target, inputs, trained=info.trained)
+        except VRNError:
+            self._landmarks_despite_failure()
+            raise
         self._landmark_steps(engine_meta is not None)
         report = self._report(start, model=model, weights=weights, graph=graph,
                               engine=engine_meta)
@@ -260,6 +264,14 @@ class Exporter:
         verdict = "pass" if report.passed else "below target, untrained weights"
         return report, (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
                         f"min IoU {report.min_iou:.5f}: {verdict}\n{table}")
+
+    def _landmarks_despite_failure(self) -> None:
+        """After the VRN's engine failed: still write the landmark stage's ONNX file, which
+        does not depend on it (a failure here is one more line, not a second traceback)."""
+        try:
+            self._landmark_steps(False)
+        except VRNError as exc:
+            print(f"{'landmarks':<14} {'':>8}  failed: {exc}", file=self.out)
 
     def _landmark_steps(self, engine: bool) -> None:
         """The landmark stage's graph (``landmarks.onnx``) next to the VRN's, checked
