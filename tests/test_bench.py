@@ -164,17 +164,26 @@ def layered_checkpoint(tmp_path_factory):
     would make this test slow for no benefit."""
     import torch
 
-    from vrn.model import VRN, VRNConfig, save_checkpoint, set_bn_mode
+    from vrn.model import VRN, VRNConfig, set_bn_mode
 
     torch.manual_seed(2)
     config = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
                        residuals_b=1, residuals_b_innermost=1, out_depth=16, input_size=192)
     model = set_bn_mode(VRN(config), "instance").eval()
-    head = model.head[-1]
+    return _save_layered(model, model.head[-1], tmp_path_factory.mktemp("weights") /
+                         "layered.safetensors")
+
+
+def _save_layered(model, head, path):
+    """Damp ``head``'s weights and ramp its biases from +3 to -3 over depth, so the
+    volume is a gently image-dependent layer; save ``model`` to ``path``."""
+    import torch
+
+    from vrn.model import save_checkpoint
+
     with torch.no_grad():
         head.weight.mul_(0.05)
         head.bias.copy_(torch.linspace(3.0, -3.0, head.bias.numel()))
-    path = tmp_path_factory.mktemp("weights") / "layered.safetensors"
     save_checkpoint(model, path)
     return path
 
@@ -294,19 +303,11 @@ def test_cli_rejects_bad_arguments(capsys):
 def guided_checkpoint(tmp_path_factory):
     """A small landmark-guided VRN with a gently image-dependent layer for a volume (as
     ``layered_checkpoint``) and non-zero guidance, so the landmarks shape the volume."""
-    import torch
     from conftest import guided_model
 
-    from vrn.model import save_checkpoint
-
     model = guided_model(GUIDED_CONFIG, guidance_scale=0.1)
-    head = model.vrn.head[-1]
-    with torch.no_grad():
-        head.weight.mul_(0.05)
-        head.bias.copy_(torch.linspace(3.0, -3.0, head.bias.numel()))
-    path = tmp_path_factory.mktemp("guided") / "guided.safetensors"
-    save_checkpoint(model, path)
-    return path
+    return _save_layered(model, model.vrn.head[-1],
+                         tmp_path_factory.mktemp("guided") / "guided.safetensors")
 
 
 @pytest.fixture(scope="module")
