@@ -23,12 +23,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vrn.cli.export import main as export_main
 from vrn.errors import BackendUnavailableError, EngineError
-from vrn.export import engine_file, exporter, fp16, onnx_export, parity, tensorrt_build, tensorrt_lib
+from vrn.export import (engine_file, exporter, fp16, onnx_export, parity, tensorrt_build,
+                        tensorrt_lib)
 from vrn.export.engine_file import EngineMetadata, GpuInfo, check_engine, write_engine
 from vrn.export.exporter import ExportError, Exporter
 from vrn.export.onnx_export import ChannelAffine, export_onnx, fold_batch_norms
 from vrn.model import (NUM_LANDMARKS, VRN, BatchNorm2d, VRNConfig, VRNGuided, VRNMultitask,
                        load_model, random_model, save_checkpoint, set_bn_mode)
+from vrn.runtime.pipeline import sample_face_crops
 
 SMALL = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
                   residuals_b_innermost=1, out_depth=8, input_size=32)
@@ -273,7 +275,7 @@ def test_fp16_export_of_the_network(small_onnx, tmp_path):
     assert summary.fp32_ops == {"InstanceNormalization": 22, "Conv": 1}  # + the input conv
     assert summary.fp16_nodes > 0 and summary.initializers_converted > 0
     assert {p.key: p.value for p in half.metadata_props}["precision"] == "fp16"
-    inputs = parity.parity_inputs(3, 32)
+    inputs = parity.parity_inputs(3, 32, faces=sample_face_crops)
     report = parity.check_parity(parity.torch_runner(model), parity.onnxruntime_runner(dst),
                                  inputs, name="fp16", precision="fp16", max_batch=3)
     assert report.sane and report.min_iou > 0.99
@@ -326,14 +328,15 @@ def test_parity_report_targets_and_floors():
 
 
 def test_parity_inputs():
-    inputs = parity.parity_inputs(3, 48, random_count=2)
+    inputs = parity.parity_inputs(3, 48, random_count=2, faces=sample_face_crops)
     assert [i.label for i in inputs] == ["random 0", "random 1", "face 0"]
     for item in inputs:
         assert item.image.shape == (1, 3, 48, 48) and item.image.dtype == np.float32
         assert 0 <= item.image.min() and item.image.max() <= 1
-    again = parity.parity_inputs(3, 48, random_count=2)
+    again = parity.parity_inputs(3, 48, random_count=2, faces=sample_face_crops)
     assert all(np.array_equal(a.image, b.image) for a, b in zip(inputs, again))
-    assert len(parity.parity_inputs(5, 48, random_count=1)) == 1  # no face for 5 channels
+    assert len(parity.parity_inputs(5, 48, random_count=1, faces=sample_face_crops)) == 1
+    assert len(parity.parity_inputs(3, 48, random_count=1)) == 1  # no faces asked for
 
 
 # --- engine files -----------------------------------------------------------------------
@@ -796,8 +799,8 @@ def test_fp32_engine_switches_tf32_off(small_onnx, fake_gpu_build, tmp_path):
 def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
     out = tmp_path / "out"
     lines = []
-    report = Exporter(out, fp16=True, max_batch=3, engine="auto",
-                      out=_Lines(lines)).export(small_weights)
+    report = Exporter(out, fp16=True, max_batch=3, engine="auto", out=_Lines(lines),
+                      face_crops=sample_face_crops).export(small_weights)
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "landmarks.onnx",
                                                      "vrn.fp16.onnx", "vrn.onnx"]
     saved = json.loads((out / "export.json").read_text())
@@ -969,7 +972,7 @@ def test_full_model_export_fp32_fp16_dynamic_batch(tmp_path):
     model = random_model()  # the released architecture, seeded random weights
     assert sum(p.numel() for p in model.parameters()) == 19_184_968
     report = Exporter(tmp_path, fp16=True, max_batch=2, engine="no", random_inputs=1,
-                      out=_Lines(lines)).export(model)
+                      out=_Lines(lines), face_crops=sample_face_crops).export(model)
     assert report["op_counts"]["Conv"] == 276
     assert report["op_counts"]["InstanceNormalization"] == 273
     assert report["outputs"][0]["shape"] == ["batch", 200, 192, 192]

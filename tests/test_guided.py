@@ -134,7 +134,7 @@ def test_guided_export_parity_with_onnxruntime(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image", "landmarks"]
     assert session.get_inputs()[1].shape == ["batch", 68, 3]
-    inputs = parity_inputs(3, 64, random_count=3, faces=False, guided=True)
+    inputs = parity_inputs(3, 64, random_count=3, guided=True)
     report = check_parity(torch_runner(model), onnxruntime_runner(path), inputs,
                           name="guided", precision="fp32", max_batch=3)
     assert report.passed, report.rows

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..export.exporter import Exporter
     from ..export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, onnx_metadata
+    from ..runtime.pipeline import sample_face_crops
 
     try:
         if args.from_onnx:
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "max_batch", DEFAULT_MAX_BATCH))
             exporter = Exporter(args.output or onnx_path.parent, max_batch=max_batch,
                                 workspace_gb=args.workspace, engine="yes",
-                                verify=not args.no_verify)
+                                verify=not args.no_verify, face_crops=sample_face_crops)
             exporter.export_from_onnx(onnx_path)
         else:
             if not args.output:
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 max_batch=args.max_batch or DEFAULT_MAX_BATCH,
                                 opset=args.opset or DEFAULT_OPSET, workspace_gb=args.workspace,
                                 engine=args.engine or "auto", bn_mode=args.bn_mode,
-                                verify=not args.no_verify)
+                                verify=not args.no_verify, face_crops=sample_face_crops)
             exporter.export(args.weights)
     except (VRNError, ValueError, OSError) as exc:
         message = str(exc) if not isinstance(exc, OSError) or not exc.filename else (

@@ -75,14 +75,18 @@ class Exporter:
         Show a spinner with the elapsed time during slow steps (default: when stderr
         is a terminal).
     random_inputs : int
-        Number of random images in the parity checks (the face crop is always used).
+        Number of random images in the parity checks.
+    face_crops : callable, optional
+        ``face_crops(size) -> (crops, landmarks)``: real face crops for the parity checks
+        too (``vrn-export`` passes :func:`vrn.runtime.pipeline.sample_face_crops`, the
+        bundled photo's face as the pipeline crops it).
     """
 
     def __init__(self, outdir, *, fp16: bool = False, max_batch: int = DEFAULT_MAX_BATCH,
                  opset: int = DEFAULT_OPSET, workspace_gb: float | None = None,
                  engine: str = "auto", bn_mode: str | None = None, verify: bool = True,
                  out: TextIO | None = None, progress: bool | None = None,
-                 random_inputs: int = 3):
+                 random_inputs: int = 3, face_crops=None):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if engine not in ENGINE_MODES:
@@ -102,6 +106,7 @@ class Exporter:
         self.out = out or sys.stdout
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.random_inputs = random_inputs
+        self.face_crops = face_crops
         self.steps: list[dict] = []
         self.files: list[Path] = []
         self.parity: dict[str, ParityReport] = {}
@@ -121,7 +126,7 @@ class Exporter:
         if self.verify:
             channels = 3 if info.architecture == "VRNGuided" else model.config.in_channels
             inputs = parity_inputs(channels, model.config.input_size,
-                                   random_count=self.random_inputs,
+                                   random_count=self.random_inputs, faces=self.face_crops,
                                    guided=info.architecture in GUIDED_ARCHITECTURES)
             reference = _cached(torch_runner(model))
         fp32_path = self.outdir / ONNX_NAME
@@ -170,7 +175,7 @@ class Exporter:
         inputs = None
         if self.verify:
             inputs = parity_inputs(meta["channels"], meta["size"],
-                                   random_count=self.random_inputs,
+                                   random_count=self.random_inputs, faces=self.face_crops,
                                    guided=len(meta["inputs"]) == 2)
         trained = meta["metadata"].get("trained", "true") != "false"
         engine_meta = self._engine_steps(onnx_path, inputs, trained=trained)

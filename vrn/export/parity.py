@@ -131,14 +131,13 @@ def random_images(count: int, channels: int, size: int, *, seed: int = 0) -> lis
     return images
 
 
-def face_images(size: int) -> list[ParityInput]:
-    """The packaged sample photo's face, cropped as the pipeline crops it (detection,
-    landmarks, the landmark crop: :func:`vrn.runtime.pipeline.face_crops`): image
-    ``(1, 3, size, size)`` and landmarks ``(1, 68, 3)`` each."""
-    from ..runtime.pipeline import face_crops
-    from ..image_io import load_image, sample_image_path
-
-    batch, landmarks = face_crops(load_image(sample_image_path()), size=size)
+def face_images(size: int, face_crops) -> list[ParityInput]:
+    """Real face crops as parity inputs: ``face_crops(size)`` returns ``(crops (N, 3,
+    size, size) float32, landmarks (N, 68, 3) float32)`` as the pipeline makes them
+    (:func:`vrn.runtime.pipeline.sample_face_crops`; the caller passes it, so that
+    export does not depend on the runtime); image ``(1, 3, size, size)`` and landmarks
+    ``(1, 68, 3)`` each."""
+    batch, landmarks = face_crops(size)
     return [ParityInput(f"face {k}", crop[None], lm[None])
             for k, (crop, lm) in enumerate(zip(batch, landmarks))]
 
@@ -151,17 +150,18 @@ def random_landmarks(count: int, size: int, *, seed: int = 0) -> np.ndarray:
     return ((size - 1) / 2 + spread * (90.0 * size / 192)).astype(np.float32)
 
 
-def parity_inputs(channels: int, size: int, *, random_count: int = 3, faces: bool = True,
+def parity_inputs(channels: int, size: int, *, random_count: int = 3, faces=None,
                   seed: int = 0, guided: bool = False) -> list[ParityInput]:
-    """The standard parity inputs: ``random_count`` random images, then the face crop(s)
-    (only for 3-channel inputs); ``guided``: each with landmarks (random ones for the
-    random images, the landmark stage's for the faces)."""
+    """The standard parity inputs: ``random_count`` random images, then, with ``faces``
+    (a ``face_crops`` function for :func:`face_images`), the face crop(s) (only for
+    3-channel inputs); ``guided``: each with landmarks (random ones for the random
+    images, the landmark stage's for the faces)."""
     inputs = random_images(random_count, channels, size, seed=seed)
     if guided:
         for k, item in enumerate(inputs):
             item.landmarks = random_landmarks(1, size, seed=seed + 1000 + k)
-    if faces and channels == 3:
-        inputs += face_images(size)
+    if faces is not None and channels == 3:
+        inputs += face_images(size, faces)
     if not guided:
         for item in inputs:
             item.landmarks = None

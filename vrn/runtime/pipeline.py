@@ -227,6 +227,14 @@ def face_crops(image: np.ndarray, *, detector=None, landmark_stage: LandmarkStag
     return to_network_input(crops), crop_landmarks
 
 
+def sample_face_crops(size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`face_crops` of the bundled sample photo: the real face crops the parity
+    checks of ``vrn-export`` use."""
+    from ..image_io import load_image, sample_image_path
+
+    return face_crops(load_image(sample_image_path()), size=size)
+
+
 def _synchronize_device() -> None:
     """Wait for all work on the current CUDA device (stage timing on a GPU)."""
     try:
