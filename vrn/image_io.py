@@ -73,8 +73,6 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None,
     if image is None:
         raise ImageError(f"{path}: not a readable image")
     _check_pixels(path, image.shape[1], image.shape[0], max_pixels)
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     if image.ndim == 3:
         image = image[..., ::-1]  # OpenCV decodes to BGR
     return as_rgb_uint8(image, name=str(path))

@@ -34,10 +34,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def interrupt_exit(exc: BaseException) -> int:
-    """The exit code for an interrupt: 143 after SIGTERM, 130 after Ctrl-C."""
-    return TERMINATE_EXIT if isinstance(exc, Terminated) else INTERRUPT_EXIT
+# The word a command reports an interrupt with, and its exit code.
+EXIT_CODES = {"interrupted": INTERRUPT_EXIT, "terminated": TERMINATE_EXIT}
 
 
 def interrupt_word(exc: BaseException) -> str:
+    """``"terminated"`` after SIGTERM, ``"interrupted"`` after Ctrl-C."""
     return "terminated" if isinstance(exc, Terminated) else "interrupted"
+
+
+def interrupt_exit(exc: BaseException) -> int:
+    """The exit code for an interrupt: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_CODES[interrupt_word(exc)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..signals import INTERRUPT_EXIT, TERMINATE_EXIT
+from ..signals import EXIT_CODES
 from .command import UsageError, run_command
 
 
@@ -114,8 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     if summary.get("record"):
         print(f"recording: {summary['record']} ({summary['recorded_frames']} frames)")
     # The loop ended on Ctrl-C or SIGTERM after finalising its outputs.
-    return {"interrupted": INTERRUPT_EXIT, "terminated": TERMINATE_EXIT}.get(
-        summary.get("ended"), 0)
+    return EXIT_CODES.get(summary.get("ended"), 0)
 
 
 if __name__ == "__main__":
