@@ -779,10 +779,11 @@ def test_fp16_graph_without_fp16_layers_fails_the_build(small_weights, fast_expo
                                                         fake_gpu_build, tmp_path):
     fake_gpu_build.layer_type = "Float"  # TensorRT fell back to fp32 everywhere
     out = tmp_path / "out"
-    with pytest.raises(EngineError, match="without a single fp16 layer"):
-        Exporter(out, fp16=True, out=_Lines([])).export(small_weights)
+    report = Exporter(out, fp16=True, out=_Lines([])).export(small_weights)
+    assert report["failed"][0]["target"] == "TensorRT"
+    assert "without a single fp16 layer" in report["failed"][0]["error"]
     assert not any(p.suffix == ".engine" for p in out.iterdir())
-    assert not (out / "export.json").exists()
+    assert report["engine"] is None
 
 
 def test_fp32_engine_switches_tf32_off(small_onnx, fake_gpu_build, tmp_path):
@@ -828,15 +829,37 @@ def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
     assert "IoU@0.5" in text  # the parity table
 
 
-def test_engine_yes_without_tensorrt_fails_cleanly(small_weights, fast_export, tmp_path,
-                                                    monkeypatch):
+def test_engine_yes_without_tensorrt_is_a_failed_target(small_weights, fast_export,
+                                                         tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match="cannot build a TensorRT engine"):
-        Exporter(out, engine="yes", verify=False, out=_Lines([])).export(small_weights)
-    assert not (out / "export.json").exists()
-    # The targets that do not depend on the engine are still written.
+    lines = []
+    report = Exporter(out, engine="yes", verify=False, out=_Lines(lines)).export(small_weights)
+    assert [item["target"] for item in report["failed"]] == ["TensorRT"]
+    assert "cannot build a TensorRT engine" in report["failed"][0]["error"]
+    assert "1 target(s) FAILED" in "".join(lines)
+    # The targets that do not depend on the engine are still written, and recorded.
     assert (out / "vrn.onnx").is_file() and (out / "landmarks.onnx").is_file()
+    assert json.loads((out / "export.json").read_text())["failed"] == report["failed"]
+    with pytest.raises(ExportError, match=r"1 target\(s\) failed \(TensorRT\)"):
+        Exporter(tmp_path / "strict", engine="yes", verify=False, out=_Lines([]),
+                 strict=True).export(small_weights)
+    assert (tmp_path / "strict" / "export.json").is_file()
+
+
+def test_a_failed_landmark_target_keeps_the_others(small_weights, fast_export, tmp_path,
+                                                   monkeypatch):
+    from vrn.export import landmark_onnx
+
+    def disk_full(model, path, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(landmark_onnx, "export_landmark_onnx", disk_full)
+    out = tmp_path / "out"
+    report = Exporter(out, engine="no", verify=False, out=_Lines([])).export(small_weights)
+    assert report["failed"][0]["target"] == "landmarks.onnx"
+    assert "No space left on device" in report["failed"][0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "vrn.onnx"]
 
 
 def test_interrupted_export_leaves_no_partial_file(small_weights, fast_export, tmp_path,
@@ -848,11 +871,16 @@ def test_interrupted_export_leaves_no_partial_file(small_weights, fast_export, t
         raise RuntimeError("simulated crash while converting")
 
     monkeypatch.setattr(fp16, "export_fp16", failing_fp16)
-    with pytest.raises(ExportError, match="simulated crash"):
-        Exporter(out, fp16=True, engine="no", out=_Lines([])).export(small_weights)
-    # the completed, verified fp32 graph is there; nothing else, not even temp files
-    assert sorted(p.name for p in out.iterdir()) == ["vrn.onnx"]
+    with pytest.raises(ExportError, match=r"1 target\(s\) failed \(vrn.fp16.onnx\)"):
+        Exporter(out, fp16=True, engine="no", out=_Lines([]), strict=True).export(
+            small_weights)
+    # the completed, verified graphs are there, and the report; no partial fp16 file,
+    # not even a temp file
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "landmarks.onnx",
+                                                     "vrn.onnx"]
     onnx.checker.check_model(onnx.load(str(out / "vrn.onnx")))
+    report = json.loads((out / "export.json").read_text())
+    assert "simulated crash" in report["failed"][0]["error"]
 
 
 def test_failing_parity_fails_the_export(small_weights, fast_export, tmp_path, monkeypatch):
@@ -879,9 +907,10 @@ def test_fp16_target_is_enforced_for_trained_weights_only(small_weights, fast_ex
     model.info.trained = True
     trained = tmp_path / "trained.safetensors"
     save_checkpoint(model, trained, info=model.info)
-    with pytest.raises(ExportError, match="ONNX fp16 vs PyTorch: parity check failed"):
-        Exporter(tmp_path / "b", fp16=True, engine="no", out=_Lines([])).export(trained)
+    report = Exporter(tmp_path / "b", fp16=True, engine="no", out=_Lines([])).export(trained)
+    assert "ONNX fp16 vs PyTorch: parity check failed" in report["failed"][0]["error"]
     assert not (tmp_path / "b" / "vrn.fp16.onnx").exists()
+    assert (tmp_path / "b" / "vrn.onnx").is_file()
 
 
 def test_exporter_rejects_bad_options(tmp_path):
@@ -939,6 +968,17 @@ def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("vrn-export: error: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_cli_exit_code_is_1_only_when_nothing_succeeded_or_strict(
+        small_weights, fast_export, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    argv = [str(small_weights), "--engine", "yes", "--no-verify"]
+    assert export_main([*argv, "-o", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 target(s) failed (TensorRT)" in err and "--strict" in err
+    assert export_main([*argv, "-o", str(tmp_path / "b"), "--strict"]) == 1
+    assert capsys.readouterr().err.startswith("vrn-export: error: 1 target(s) failed")
 
 
 def test_cli_from_onnx_needs_tensorrt(small_onnx, tmp_path, capsys, monkeypatch):

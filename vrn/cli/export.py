@@ -2,6 +2,7 @@
 
     vrn-export [WEIGHTS] -o OUTDIR [--fp16] [--max-batch N] [--opset K] [--workspace GB]
                [--engine auto|yes|no] [--bn-mode running|instance] [--no-verify]
+               [--strict]
     vrn-export --from-onnx OUTDIR/vrn.fp16.onnx [-o OUTDIR] [--max-batch N]
                [--workspace GB] [--no-verify]
 
@@ -21,8 +22,11 @@ from .command import run_command
 
 DESCRIPTION = ("Export VRN weights to a checked ONNX model (fp32, and fp16 with --fp16) and, "
                "where TensorRT and a GPU are present, a TensorRT engine for this GPU. "
-               "Writes OUTDIR/vrn.onnx, OUTDIR/vrn.fp16.onnx, OUTDIR/vrn[.fp16].engine and "
-               "OUTDIR/export.json (versions, hashes, shapes, parity figures).")
+               "Writes OUTDIR/vrn.onnx, OUTDIR/vrn.fp16.onnx, OUTDIR/vrn[.fp16].engine, "
+               "OUTDIR/landmarks.onnx and OUTDIR/export.json (versions, hashes, shapes, "
+               "parity figures, failed targets). A target that fails is reported and the "
+               "others still complete; the exit code is 1 when vrn.onnx fails, or with "
+               "--strict when any target fails.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--engine", choices=("auto", "yes", "no"),
                    help="build a TensorRT engine: auto (when TensorRT and a GPU are here; "
-                        "the default), yes (fail if it cannot), no")
+                        "the default), yes (a missing TensorRT or GPU is then a failed target), no")
     p.add_argument("--bn-mode", choices=BN_MODES,
                    help="batch-norm mode to export: running (folded into the convolutions) "
                         "or instance (per-image statistics, InstanceNormalization); "
                         "default: the weights' own")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the parity checks against PyTorch / ONNX Runtime")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when any target fails (by default a failed fp16 graph, "
+                        "engine or landmark file is reported and the others are kept; the "
+                        "exit code is 1 only when vrn.onnx itself fails)")
     return p
 
 
@@ -91,8 +99,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 max_batch=args.max_batch or DEFAULT_MAX_BATCH,
                                 opset=args.opset or DEFAULT_OPSET, workspace_gb=args.workspace,
                                 engine=args.engine or "auto", bn_mode=args.bn_mode,
-                                verify=not args.no_verify, face_crops=sample_face_crops)
-            exporter.export(args.weights)
+                                verify=not args.no_verify, face_crops=sample_face_crops,
+                                strict=args.strict)
+            report = exporter.export(args.weights)
+            if report["failed"]:
+                names = ", ".join(item["target"] for item in report["failed"])
+                print(f"vrn-export: warning: {len(report['failed'])} target(s) failed "
+                      f"({names}); the others were written (--strict makes this exit 1)",
+                      file=sys.stderr)
     except (VRNError, ValueError, OSError) as exc:
         message = str(exc) if not isinstance(exc, OSError) or not exc.filename else (
             f"{exc.filename}: {exc.strerror}")

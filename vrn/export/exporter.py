@@ -5,6 +5,11 @@ summary of the files written and how to use them.
 Every file is written atomically, and each is published under its final name only
 after its checks passed (graph checks, then parity), so an interrupted or failed export
 never leaves a half-written or unverified file behind; ``export.json`` comes last.
+
+The fp32 graph is the one target every other needs: when it fails, the export fails.
+A failure of any later target (the fp16 graph, an engine, the landmark stage) is
+reported in one line and recorded in ``export.json``'s ``failed`` list, and the other
+targets still complete; with ``strict=True`` the export then raises.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ REPORT_FORMAT = "vrn-export/1"
 ENGINE_MODES = ("auto", "yes", "no")
 
 
+_FAILED = object()  # what Exporter._attempt returns for a failed target
+
+
 class ExportError(VRNError):
     """An export step failed its checks (parity, graph checks) or cannot run."""
 
@@ -63,12 +71,15 @@ class Exporter:
     workspace_gb : float, optional
         TensorRT builder workspace limit (GiB).
     engine : {"auto", "yes", "no"}
-        Build a TensorRT engine: when TensorRT and a GPU are here, always (failing if
-        it cannot), or never.
+        Build a TensorRT engine: when TensorRT and a GPU are here (skipped otherwise),
+        always (a missing TensorRT or GPU is then a failed target), or never.
     bn_mode : {"running", "instance"}, optional
         Batch-norm mode to export (default: the weights' own).
     verify : bool
-        Run the parity checks (a failing check fails the export).
+        Run the parity checks (a failing check fails its target).
+    strict : bool
+        Raise :class:`ExportError` at the end when any target failed (the other
+        targets and ``export.json`` are still written first).
     out : text stream
         Where progress lines and the summary go.
     progress : bool, optional
@@ -86,7 +97,7 @@ class Exporter:
                  opset: int = DEFAULT_OPSET, workspace_gb: float | None = None,
                  engine: str = "auto", bn_mode: str | None = None, verify: bool = True,
                  out: TextIO | None = None, progress: bool | None = None,
-                 random_inputs: int = 3, face_crops=None):
+                 random_inputs: int = 3, face_crops=None, strict: bool = False):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if engine not in ENGINE_MODES:
@@ -107,6 +118,8 @@ class Exporter:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.random_inputs = random_inputs
         self.face_crops = face_crops
+        self.strict = strict
+        self.failed: list[dict] = []
         self.steps: list[dict] = []
         self.files: list[Path] = []
         self.parity: dict[str, ParityReport] = {}
@@ -142,24 +155,33 @@ class Exporter:
         target = fp32_path
         if self.fp16:
             fp16_path = self.outdir / FP16_NAME
-            with atomic_path(fp16_path) as tmp:
-                self._step("fp16", lambda: self._export_fp16(fp32_path, tmp))
-                if self.verify:
-                    self._step("fp16 parity", lambda: self._verify(
-                        "ONNX fp16 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
-                        "fp16", trained=info.trained), slow=True)
-            self.files.append(fp16_path)
-            target = fp16_path
-        try:
-            engine_meta = self._engine_steps(target, inputs, trained=info.trained)
-        except VRNError:
-            self._landmarks_despite_failure()
-            raise
-        self._landmark_steps(engine_meta is not None)
+            target = self._attempt(FP16_NAME, lambda: self._fp16_target(
+                fp32_path, fp16_path, reference, inputs, trained=info.trained))
+        if target is _FAILED:
+            if self.engine != "no":
+                self._skipped("TensorRT", f"needs {FP16_NAME}, which failed")
+            engine_meta = None
+        else:
+            engine_meta = self._attempt("TensorRT", lambda: self._engine_steps(
+                target, inputs, trained=info.trained))
+        built_engine = engine_meta is not None and engine_meta is not _FAILED
+        self._landmark_steps(built_engine)
         report = self._report(start, model=model, weights=weights, graph=graph,
-                              engine=engine_meta)
+                              engine=engine_meta if built_engine else None)
         self._summary(report)
+        self._raise_if_strict()
         return report
+
+    def _fp16_target(self, fp32_path: Path, fp16_path: Path, reference, inputs, *,
+                     trained: bool) -> Path:
+        with atomic_path(fp16_path) as tmp:
+            self._step("fp16", lambda: self._export_fp16(fp32_path, tmp))
+            if self.verify:
+                self._step("fp16 parity", lambda: self._verify(
+                    "ONNX fp16 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
+                    "fp16", trained=trained), slow=True)
+        self.files.append(fp16_path)
+        return fp16_path
 
     def export_from_onnx(self, onnx_path) -> dict:
         """Build (and check) the TensorRT engine for ``onnx_path`` on this machine and
@@ -270,13 +292,33 @@ class Exporter:
         return report, (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
                         f"min IoU {report.min_iou:.5f}: {verdict}\n{table}")
 
-    def _landmarks_despite_failure(self) -> None:
-        """After the VRN's engine failed: still write the landmark stage's ONNX file, which
-        does not depend on it (a failure here is one more line, not a second traceback)."""
+    def _attempt(self, target: str, fn: Callable):
+        """Run the steps of one output target and return ``fn()``'s result; on failure
+        record it, print it in one line (details indented below) and return
+        ``_FAILED``, so the targets that do not need this one still complete."""
         try:
-            self._landmark_steps(False)
-        except VRNError as exc:
-            print(f"{'landmarks':<14} {'':>8}  failed: {exc}", file=self.out)
+            return fn()
+        except (VRNError, OSError) as exc:
+            message = str(exc) if isinstance(exc, VRNError) else (
+                f"{exc.filename}: {exc.strerror}" if exc.filename else
+                f"{type(exc).__name__}: {exc}")
+            first, _, details = message.partition("\n")
+            self.failed.append({"target": target, "error": first})
+            print(f"{target:<14} {'':>8}  FAILED: {first}", file=self.out)
+            if details:
+                print("\n".join(f"    {line}" for line in details.splitlines()),
+                      file=self.out)
+            return _FAILED
+
+    def _skipped(self, target: str, reason: str) -> None:
+        self.failed.append({"target": target, "error": f"skipped: {reason}"})
+        print(f"{target:<14} {'':>8}  skipped: {reason}", file=self.out)
+
+    def _raise_if_strict(self) -> None:
+        if self.strict and self.failed:
+            names = ", ".join(item["target"] for item in self.failed)
+            raise ExportError(f"{len(self.failed)} target(s) failed ({names}); see above "
+                              f"and {self.outdir / REPORT_NAME}")
 
     def _landmark_steps(self, engine: bool) -> None:
         """The landmark stage's graph (``landmarks.onnx``) next to the VRN's, checked
@@ -302,7 +344,11 @@ class Exporter:
             self.files.append(path)
             return path, message
 
-        self._step("landmarks", export, slow=True)
+        if self._attempt(LANDMARKS_ONNX_NAME,
+                         lambda: self._step("landmarks", export, slow=True)) is _FAILED:
+            if engine:
+                self._skipped("landmarks TRT", f"needs {LANDMARKS_ONNX_NAME}, which failed")
+            return
         if not engine:
             return
 
@@ -330,7 +376,7 @@ class Exporter:
             self.files += [engine_path, sidecar_path(engine_path)]
             return engine_path, message
 
-        self._step("landmarks TRT", build, slow=True)
+        self._attempt("landmarks TRT", lambda: self._step("landmarks TRT", build, slow=True))
 
     def _engine_steps(self, onnx_path: Path, inputs, *, trained: bool):
         """Build the engine for ``onnx_path`` per ``self.engine``; returns its metadata
@@ -430,6 +476,7 @@ class Exporter:
             "steps": self.steps,
             "parity": {name: rep.to_dict() for name, rep in self.parity.items()},
             "engine": _engine_summary(engine),
+            "failed": self.failed,
             "notes": self.notes,
         }
         if model is not None:
@@ -486,9 +533,13 @@ class Exporter:
         return report if entry.get("sha256") == onnx_sha else None
 
     def _summary(self, report: dict) -> None:
-        print(f"\nvrn-export: done in {self.elapsed:.1f} s, wrote:", file=self.out)
+        outcome = (f"{len(self.failed)} target(s) FAILED or skipped" if self.failed
+                   else "done")
+        print(f"\nvrn-export: {outcome} in {self.elapsed:.1f} s, wrote:", file=self.out)
         for path in self.files:
             print(f"  {str(path):<48} {_size(path):>9}", file=self.out)
+        for item in self.failed:
+            print(f"failed: {item['target']}: {item['error']}", file=self.out)
         for note in self.notes:
             print(f"note: {note}", file=self.out)
         vrn_files = [p for p in self.files if not p.name.startswith("landmarks")]
