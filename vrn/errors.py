@@ -29,3 +29,31 @@ class UnsafePickleError(VRNError, ValueError):
     """A pickle that names a global other than NumPy's array rebuilders, holds anything
     but plain containers of arrays, numbers and strings, or is truncated or corrupt
     (also a ``ValueError``, for callers catching that)."""
+
+
+class BFMNotFoundError(VRNError):
+    """The BFM basis or face-region files are not available."""
+
+
+class AnnotationError(VRNError):
+    """A ``.mat`` file is missing or lacks the BFM fit."""
+
+
+class CaptureError(VRNError):
+    """A video source cannot be opened (no such camera, file or stream)."""
+
+
+class UsageError(VRNError):
+    """A bad combination or value of options found after parsing (exit code 2)."""
+
+
+class ExportError(VRNError):
+    """An export step failed its checks (parity, graph checks) or cannot run."""
+
+
+class UnreadableOnnxError(VRNError):
+    """An ONNX file that onnx or ONNX Runtime refuses to load; ``reason`` says which."""
+
+    def __init__(self, message: str, reason: str = "ONNX Runtime cannot load it"):
+        super().__init__(message)
+        self.reason = reason

@@ -19,14 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from ..errors import VRNError
+from ..errors import UsageError, VRNError
 from ..signals import interrupt_exit, interrupt_word, sigterm_as_interrupt
 
 ERROR_EXIT, USAGE_EXIT = 1, 2
-
-
-class UsageError(VRNError):
-    """A bad combination or value of options found after parsing (exit code 2)."""
 
 
 def describe_error(exc: BaseException) -> str:

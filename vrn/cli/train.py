@@ -1,4 +1,4 @@
-"""``vrn-train``: train a VRN model with the paper's recipe (SPEC section 3).
+"""``vrn-train``: train a VRN model with the paper's recipe (``docs/reference.md``, "Training").
 
 Data: a cache folder of synthetic-face shards (``--cache``; ``--synthetic N`` renders N
 faces into it first, which needs the BFM), or a 300W-LP / AFLW2000-3D-format folder

@@ -4,8 +4,8 @@ Each ``<stem>.jpg`` (or ``.png``) has a ``<stem>.mat`` with ``Shape_Para`` (199,
 ``Exp_Para`` (29,), ``Pose_Para`` (7,: pitch, yaw, roll, tx, ty, tz, scale) and, in
 AFLW2000-3D, ``pt3d_68`` (3, 68; 1-based pixel coordinates). With the user's BFM basis
 (:mod:`vrn.data.bfm`) the fit becomes the dense ground-truth face mesh in photo pixels
-(SPEC section 4: ``X = s R V + t``, then ``x = X - 1``, ``y = h - Y``, ``z = Z``), the
-crop follows the paper's 68-landmark rule, and the target volume is the mesh voxelised
+(``docs/reference.md``, "Evaluation": ``X = s R V + t``, then ``x = X - 1``,
+``y = h - Y``, ``z = Z``), the crop follows the paper's 68-landmark rule, and the target volume is the mesh voxelised
 in that crop (:mod:`vrn.data.voxelize`).
 """
 
@@ -17,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VRNError
+from ..errors import AnnotationError
 from ..image_io import load_image
 from ..runtime.crop import CROP_SIZE, landmarks_crop_matrix, points_to_crop, warp_crop
 from .bfm import BFM, crop_rotation, pose_vertices
 from .voxelize import THICKNESS, VOLUME_DEPTH, column_runs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class AnnotationError(VRNError):
-    """A ``.mat`` file is missing or lacks the BFM fit."""
 
 
 @dataclass

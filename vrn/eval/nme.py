@@ -1,4 +1,5 @@
-"""The paper's reconstruction error (SPEC section 4) and the posed-mean-face baseline.
+"""The paper's reconstruction error (``docs/reference.md``, "Evaluation") and the
+posed-mean-face baseline.
 
 ``NME = mean over ground-truth vertices of the distance to the nearest point of the
 predicted surface / 3D outer interocular distance`` (ground-truth landmarks 37 and 46,

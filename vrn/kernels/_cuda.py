@@ -178,6 +178,9 @@ def _scan_kernel(seg_vertices, seg_triangles, segs_per_volume, seg_vertex_base,
         offsets[1, offsets.shape[1] - 1] = sums[1, tid]
 
 
+# One long kernel on purpose: its phases (load rows, crossed edges, scan, vertices, faces)
+# share shared-memory arrays and barriers, and as device functions they would need a CUDA
+# driver to compile, so `compile_ptx` could no longer check them on a machine without one.
 @cuda.jit(cache=True)
 def _emit_kernel(volume, threshold, level, divisor, case_table, bits, seg_vertices,
                  seg_triangles, seg_vertex_base, seg_face_base, offsets, vertices, faces):

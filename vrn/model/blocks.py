@@ -2,7 +2,8 @@
 pre-activation bottleneck residual, and the recursive hourglass level.
 
 The order in which each block registers its sub-modules is the depth-first order of
-the Torch7 ``.t7`` file (``shared/reference``): :mod:`vrn.model.torch7` relies on it.
+the Torch7 ``.t7`` file (``docs/reference.md``, "Module order"): :mod:`vrn.model.torch7`
+relies on it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ safetensors never executes code on load, so untrusted files are safe to open.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..errors import WeightsError
 from .blocks import BN_MODES
-from .vrn import ARCHITECTURES, VRNConfig, build_model, set_bn_mode
+from .vrn import ARCHITECTURES, VRNConfig, bn_mode_of, build_model, set_bn_mode
 
 FORMAT = "vrn-edge-checkpoint/1"
 # The one input layout every backend feeds; checkpoints that declare another are refused.
@@ -98,7 +99,7 @@ def model_info(model: nn.Module) -> ModelInfo:
     if info is None:
         info = ModelInfo(architecture=model.architecture, config=model.config,
                          landmark_config=getattr(model, "landmark_config", None),
-                         bn_mode=getattr(model, "bn_mode", "running"), trained=False)
+                         bn_mode=bn_mode_of(model), trained=False)
     return info
 
 
@@ -111,8 +112,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
     """
     from safetensors.torch import save_file
 
-    info = info or model_info(model)
-    info.bn_mode = getattr(model, "bn_mode", info.bn_mode)
+    info = dataclasses.replace(info or model_info(model), bn_mode=bn_mode_of(model))
     tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -173,9 +173,7 @@ def load_checkpoint(path: str | os.PathLike, *, bn_mode: str | None = None,
     for name, ref in expected.items():
         tensors[name] = tensors[name].to(ref.dtype)
     model.load_state_dict(tensors)
-    if bn_mode is not None:
-        info.bn_mode = bn_mode
-    set_bn_mode(model, info.bn_mode)
+    set_bn_mode(model, bn_mode or info.bn_mode)
     model.info = info
     return model.to(map_location).eval()
 

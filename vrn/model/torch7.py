@@ -10,8 +10,8 @@ of a storage, and reads longs as 8 bytes on every platform (torchfile 0.1.0 uses
 
 Mapping: the convolutions and batch norms of the ``.t7`` module tree, in depth-first
 order, are the ``Conv2d`` and ``BatchNorm2d`` modules of the PyTorch model in
-registration order (``shared/reference/vrn-unguided-t7-modules.txt`` lists the released
-file's 1,339 modules; its numbering, a depth-first index over every module below the
+registration order (``docs/reference.md``, "Module order": the released file has
+1,339 modules; their numbering, a depth-first index over every module below the
 top-level container, containers included, is the one error messages use).
 """
 
@@ -222,9 +222,9 @@ def t7_modules(root: Any, *, source: str | os.PathLike = "<t7>") -> list[T7Modul
 def list_modules(path: str | os.PathLike) -> list[str]:
     """A ``.t7`` model's modules as lines ``index<TAB>indent+type<TAB>weight shape``.
 
-    The format of ``shared/reference/vrn-unguided-t7-modules.txt`` (four spaces of
-    indent per nesting level; empty shape column for modules without a weight), so a
-    file can be compared with the reference line by line.
+    Four spaces of indent per nesting level, an empty shape column for modules without
+    a weight (the format of the released file's module list, ``docs/reference.md``),
+    so two files can be compared line by line.
     """
     lines = []
     for module in t7_modules(read_t7(path), source=path):

@@ -87,17 +87,51 @@ class VRNConfig:
 
 
 def set_bn_mode(module: nn.Module, mode: str) -> nn.Module:
-    """Set every :class:`BatchNorm2d` under ``module`` to ``"running"`` or ``"instance"``."""
+    """Set every :class:`BatchNorm2d` under ``module`` to ``"running"`` or ``"instance"``.
+
+    The norm layers are the only place the mode is kept: ``model.bn_mode`` and
+    ``model.info.bn_mode`` read it from them (:func:`bn_mode_of`).
+    """
     if mode not in BN_MODES:
         raise ValueError(f"batch-norm mode must be one of {BN_MODES}, got {mode!r}")
     for m in module.modules():
         if isinstance(m, BatchNorm2d):
             m.mode = mode
-    module.bn_mode = mode
     return module
 
 
-class VRN(nn.Module):
+def bn_mode_of(module: nn.Module) -> str:
+    """The mode shared by every :class:`BatchNorm2d` under ``module`` (``"running"``
+    when there is none); ``ValueError`` when they differ."""
+    modes = {m.mode for m in module.modules() if isinstance(m, BatchNorm2d)}
+    if len(modes) > 1:
+        raise ValueError(f"batch-norm layers disagree on their mode: {sorted(modes)}")
+    return modes.pop() if modes else "running"
+
+
+class _ModelState:
+    """What every VRN architecture exposes about its state: ``bn_mode`` and ``info``."""
+
+    @property
+    def bn_mode(self) -> str:
+        """``"running"`` or ``"instance"``, read from the norm layers (:func:`bn_mode_of`)."""
+        return bn_mode_of(self)
+
+    @property
+    def info(self):
+        """The attached :class:`~vrn.model.checkpoint.ModelInfo` (``None`` until a loader
+        or trainer attaches one); its ``bn_mode`` always reads the norm layers."""
+        info = self.__dict__.get("_info")
+        if info is not None:
+            info.bn_mode = self.bn_mode
+        return info
+
+    @info.setter
+    def info(self, value) -> None:
+        self.__dict__["_info"] = value
+
+
+class VRN(_ModelState, nn.Module):
     """Volumetric Regression Network (Jackson et al., ICCV 2017), unguided.
 
     ``forward(x)``: ``x`` ``(N, in_channels, S, S)`` float, RGB in [0, 1] ->
@@ -197,7 +231,7 @@ class VRNMultitask(VRN):
         return torch.sigmoid(volume), torch.sigmoid(heatmaps)
 
 
-class VRNGuided(nn.Module):
+class VRNGuided(_ModelState, nn.Module):
     """VRN-Guided: a landmark hourglass predicts 68 heatmaps, which are stacked with the
     RGB image as the input of the reconstruction VRN (``in_channels = 3 + 68``).
 
@@ -246,7 +280,7 @@ def _float32_geometry(device_type: str):
     return contextlib.nullcontext()
 
 
-class VRNLandmarkGuided(nn.Module):
+class VRNLandmarkGuided(_ModelState, nn.Module):
     """VRN guided by 68 3D landmarks given as an input (the default model's architecture).
 
     ``forward(image, landmarks)``: ``image`` ``(N, 3, S, S)`` float32 RGB in [0, 1] and

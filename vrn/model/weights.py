@@ -55,7 +55,6 @@ def load_model(weights: str | os.PathLike | None = None, *, bn_mode: str | None 
             model = random_model()
             if bn_mode is not None:
                 set_bn_mode(model, bn_mode)
-                model.info.bn_mode = bn_mode
             return model.to(map_location)
         return load_checkpoint(path, bn_mode=bn_mode, map_location=map_location)
     path = Path(weights)

@@ -27,12 +27,8 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from ..errors import VRNError
+from ..errors import CaptureError
 from ..image_io import pixel_limit
-
-
-class CaptureError(VRNError):
-    """A video source cannot be opened (no such camera, file or stream)."""
 
 
 @dataclass(frozen=True)

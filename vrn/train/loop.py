@@ -1,5 +1,5 @@
-"""The paper's training recipe for VRN models (SPEC section 3), on CPU, one GPU, or many
-with ``torchrun`` (PyTorch DDP).
+"""The paper's training recipe for VRN models (``docs/reference.md``, "Training"), on
+CPU, one GPU, or many with ``torchrun`` (PyTorch DDP).
 
 - loss: per-voxel sigmoid cross-entropy on the logits (:meth:`VRN.logits`), averaged over
   voxels; optionally evaluated on a coarser ``loss_size`` x ``loss_size`` grid (the
@@ -50,7 +50,7 @@ LOG = "log.csv"
 
 @dataclass
 class Augmentation:
-    """Per-sample joint augmentation ranges (the paper's, SPEC section 3)."""
+    """Per-sample joint augmentation ranges (the paper's, ``docs/reference.md``)."""
 
     rotation: float = 45.0
     translation: float = 15.0
@@ -387,36 +387,16 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
         out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.device:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = _device(config, local_rank)
     torch.manual_seed(config.seed)
 
     ckpt_path = out_dir / CHECKPOINT
-    opt_path = out_dir / OPTIMIZER_STATE
-    state = {"epoch": 0, "step": 0}
-    if resume and ckpt_path.is_file():
-        model = load_checkpoint(ckpt_path, bn_mode=config.bn_mode)
-    elif config.init_weights:
-        resume = False
-        model = load_model(config.init_weights, bn_mode=config.bn_mode)
-        if config.architecture in GUIDED_ARCHITECTURES and model.architecture == "VRN":
-            model = _guided_from_unguided(model, config)
-    else:
-        resume = False
-        model = build_model(config.architecture, config.model, bn_mode=config.bn_mode)
+    model, resume = _initial_model(config, ckpt_path, resume)
     model.to(device).train()
     cfg = model.config
     loss_size = config.loss_size or cfg.input_size
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
-    if resume and opt_path.is_file():
-        saved = torch.load(opt_path, map_location=device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        state = {"epoch": int(saved["epoch"]), "step": int(saved["step"])}
-
+    state = _restore_optimizer(optimizer, out_dir / OPTIMIZER_STATE, device, resume)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -429,84 +409,41 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     if not resume and not config.init_weights and not guided and hasattr(volume_net, "head"):
         _init_prior_bias(volume_net, dataset, config, cfg)  # a guided model has its prior
 
-    log_path = out_dir / LOG
     start = time.perf_counter()
     recent: list[float] = []
     deadline = (start + 60 * config.max_minutes) if config.max_minutes else None
     info = ModelInfo(architecture=model.architecture, config=cfg,
                      landmark_config=getattr(model, "landmark_config", None),
-                     bn_mode=config.bn_mode, trained=True, provenance=config.provenance)
-    stop = False
+                     trained=True, provenance=config.provenance)
 
     def save():
-        if rank != 0:
-            return
-        info.extra = {"epoch": str(state["epoch"]), "step": str(state["step"]),
-                      "train_loss": f"{np.mean(recent[-50:]):.6f}" if recent else "nan"}
-        save_checkpoint(model, ckpt_path, info=info)
-        with atomic_path(opt_path) as tmp:
-            torch.save({"optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                        "step": state["step"]}, tmp)
+        if rank == 0:
+            _save_state(model, optimizer, info, state, recent, out_dir)
 
-    new_log = rank == 0 and not (resume and log_path.is_file())
-    log_file = open(log_path, "w" if new_log else "a", newline="") if rank == 0 else None
-    writer = csv.writer(log_file) if log_file else None
-    if new_log:
-        writer.writerow(["step", "epoch", "loss", "volume_loss", "landmark_loss", "lr",
-                         "seconds", "images_per_second"])
+    log_csv = _TrainingLog(out_dir / LOG, append=resume) if rank == 0 else None
+    stop = False
     try:
         while state["epoch"] < config.epochs and not stop:
             epoch = state["epoch"]
             lr = config.lr if epoch < config.lr_drop_epoch else config.lr_after_drop
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            dataset.epoch = epoch
-            if hasattr(samples, "refresh"):
-                samples.refresh()  # a cache that is still being written grows here
-            sampler = None
-            if world > 1:
-                sampler = torch.utils.data.distributed.DistributedSampler(dataset,
-                                                                          seed=config.seed)
-                sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=config.batch_size, shuffle=sampler is None,
-                sampler=sampler, num_workers=config.workers,
-                drop_last=len(dataset) >= config.batch_size,
-                generator=torch.Generator().manual_seed(config.seed + epoch))
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+            bar = tqdm(_epoch_loader(samples, dataset, config, epoch, world),
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                        disable=not progress or rank != 0, leave=False)
             for images, runs, landmarks in bar:
                 t0 = time.perf_counter()
-                images = images.to(device, non_blocking=True)
-                targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
-                guide = landmarks.to(device) if guided else None
-                volume, heat = model_logits(net.module if world > 1 else net, images, loss_size,
-                                            guide)
-                volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
-                loss = volume_loss
-                landmark_loss = torch.zeros(())
-                if heat is not None:
-                    heat_t = heatmap_targets(landmarks.to(device), input_size=cfg.input_size,
-                                             size=loss_size)
-                    landmark_loss = F.binary_cross_entropy_with_logits(heat, heat_t)
-                    loss = loss + landmark_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                losses = _train_step(net.module if world > 1 else net, optimizer, images,
+                                     runs, landmarks if guided else None, cfg, loss_size,
+                                     device, heatmap_landmarks=landmarks)
                 state["step"] += 1
-                value = float(loss.detach())
-                recent.append(value)
-                dt = time.perf_counter() - t0
-                if writer:
-                    writer.writerow([state["step"], epoch, f"{value:.6f}",
-                                     f"{float(volume_loss.detach()):.6f}",
-                                     f"{float(landmark_loss.detach()):.6f}", lr,
-                                     f"{time.perf_counter() - start:.1f}",
-                                     f"{len(images) * world / dt:.2f}"])
-                    log_file.flush()
+                recent.append(losses[0])
+                if log_csv is not None:
+                    log_csv.write(state["step"], epoch, losses, lr, time.perf_counter() - start,
+                                  len(images) * world / (time.perf_counter() - t0))
                 bar.set_postfix(loss=f"{np.mean(recent[-20:]):.4f}")
                 if log is not None and rank == 0:
-                    log(state["step"], value)
+                    log(state["step"], losses[0])
                 if state["step"] % config.save_every == 0:
                     save()
                 if deadline is not None and time.perf_counter() > deadline:
@@ -516,8 +453,121 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
                 state["epoch"] += 1
         save()
     finally:
-        if log_file:
-            log_file.close()
+        if log_csv is not None:
+            log_csv.close()
     return {"steps": state["step"], "epochs": state["epoch"],
             "loss": float(np.mean(recent[-50:])) if recent else math.nan,
             "seconds": time.perf_counter() - start, "checkpoint": ckpt_path}
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _initial_model(config: TrainConfig, ckpt_path: Path, resume: bool
+                   ) -> tuple[nn.Module, bool]:
+    """The model to start from, and whether this is a resumed run: ``ckpt_path`` when
+    resuming and it exists, else ``config.init_weights`` (an unguided model becomes a
+    guided one's trunk), else a new model."""
+    if resume and ckpt_path.is_file():
+        return load_checkpoint(ckpt_path, bn_mode=config.bn_mode), True
+    if config.init_weights:
+        model = load_model(config.init_weights, bn_mode=config.bn_mode)
+        if config.architecture in GUIDED_ARCHITECTURES and model.architecture == "VRN":
+            model = _guided_from_unguided(model, config)
+        return model, False
+    return build_model(config.architecture, config.model, bn_mode=config.bn_mode), False
+
+
+def _restore_optimizer(optimizer, path: Path, device, resume: bool) -> dict:
+    """``{"epoch", "step"}`` to continue from: the saved optimizer state's when resuming
+    and ``path`` exists (also loaded into ``optimizer``), else zeros."""
+    if not (resume and path.is_file()):
+        return {"epoch": 0, "step": 0}
+    saved = torch.load(path, map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    return {"epoch": int(saved["epoch"]), "step": int(saved["step"])}
+
+
+def _save_state(model, optimizer, info: ModelInfo, state: dict, recent: list[float],
+                out_dir: Path) -> None:
+    """The checkpoint (with the step, epoch and recent loss in its metadata) and the
+    optimizer state, each written atomically."""
+    info.extra = {"epoch": str(state["epoch"]), "step": str(state["step"]),
+                  "train_loss": f"{np.mean(recent[-50:]):.6f}" if recent else "nan"}
+    save_checkpoint(model, out_dir / CHECKPOINT, info=info)
+    with atomic_path(out_dir / OPTIMIZER_STATE) as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": state["epoch"],
+                    "step": state["step"]}, tmp)
+
+
+def _epoch_loader(samples, dataset: TrainingSet, config: TrainConfig, epoch: int,
+                  world: int):
+    """The epoch's ``DataLoader`` (seeded per epoch; a ``DistributedSampler`` share
+    under ``torchrun``)."""
+    dataset.epoch = epoch
+    if hasattr(samples, "refresh"):
+        samples.refresh()  # a cache that is still being written grows here
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=config.seed)
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=config.workers, drop_last=len(dataset) >= config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed + epoch))
+
+
+def _train_step(model, optimizer, images, runs, guide, cfg, loss_size: int, device, *,
+                heatmap_landmarks) -> tuple[float, float, float]:
+    """One optimiser step on a batch; returns ``(loss, volume loss, landmark loss)``.
+
+    ``images`` ``(N, C, S, S)``, ``runs`` the volume targets' depth runs, ``guide``
+    ``(N, 68, 3)`` landmarks for a guided model (else ``None``); ``heatmap_landmarks``
+    feed the heatmap loss of a model that predicts heatmaps."""
+    images = images.to(device, non_blocking=True)
+    targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
+    guide = guide.to(device) if guide is not None else None
+    volume, heat = model_logits(model, images, loss_size, guide)
+    volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
+    loss = volume_loss
+    landmark_loss = torch.zeros(())
+    if heat is not None:
+        heat_t = heatmap_targets(heatmap_landmarks.to(device), input_size=cfg.input_size,
+                                 size=loss_size)
+        landmark_loss = F.binary_cross_entropy_with_logits(heat, heat_t)
+        loss = loss + landmark_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), float(volume_loss.detach()), float(landmark_loss.detach())
+
+
+class _TrainingLog:
+    """The CSV log of every step (``log.csv``): a new file with its header, or
+    appended to when a resumed run finds one."""
+
+    HEADER = ["step", "epoch", "loss", "volume_loss", "landmark_loss", "lr", "seconds",
+              "images_per_second"]
+
+    def __init__(self, path: Path, *, append: bool):
+        append = append and path.is_file()
+        self.file = open(path, "a" if append else "w", newline="")
+        self.writer = csv.writer(self.file)
+        if not append:
+            self.writer.writerow(self.HEADER)
+
+    def write(self, step: int, epoch: int, losses: tuple[float, float, float], lr: float,
+              seconds: float, images_per_second: float) -> None:
+        loss, volume_loss, landmark_loss = losses
+        self.writer.writerow([step, epoch, f"{loss:.6f}", f"{volume_loss:.6f}",
+                              f"{landmark_loss:.6f}", lr, f"{seconds:.1f}",
+                              f"{images_per_second:.2f}"])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
