@@ -11,7 +11,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vrn.errors import ImageError
 from vrn import image_io
@@ -97,7 +97,7 @@ def test_pixel_limit_applies_to_formats_pillow_does_not_know(tmp_path, monkeypat
     """A Radiance .hdr is decoded by OpenCV only; its decoded size is checked."""
     path = tmp_path / "x.hdr"
     cv2.imwrite(str(path), np.full((64, 80, 3), 0.5, np.float32))
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         Image.open(path)
     assert load_image(path).shape == (64, 80, 3)
     with pytest.raises(ImageError, match="80x64 pixels"):

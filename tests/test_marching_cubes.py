@@ -303,6 +303,26 @@ def test_batch_equals_single_volumes():
         assert np.array_equal(vertices, single[0]) and np.array_equal(faces, single[1])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_multithreaded_output_equals_single_threaded(monkeypatch, threads):
+    """Small volumes normally stay on one thread: with the slab threshold lowered they
+    split into ``threads`` slabs, and the mesh must not change by a single bit."""
+    from vrn.kernels import _cpu
+
+    volumes = {name: make() for name, make in VOLUMES.items()}
+    batch = np.stack([noisy(seed=s) for s in range(3)])
+    single = {name: marching_cubes(v, 0.5) for name, v in volumes.items()}
+    single_batch = marching_cubes_batch(batch, 0.5)
+    monkeypatch.setattr(_cpu, "_MIN_POINTS_PER_SLAB", 1)
+    monkeypatch.setattr(_cpu, "cpu_threads", lambda: threads)
+    assert len(_cpu._slabs(20, 21 * 22)) == threads
+    for name, volume in volumes.items():
+        (v1, f1), (v2, f2) = single[name], marching_cubes(volume, 0.5)
+        assert np.array_equal(v1, v2) and np.array_equal(f1, f2), name
+    for (v1, f1), (v2, f2) in zip(single_batch, marching_cubes_batch(batch, 0.5)):
+        assert np.array_equal(v1, v2) and np.array_equal(f1, f2)
+
+
 def test_to_host_passes_numpy_through():
     vertices, faces = marching_cubes(sphere(), 0.5)
     host = to_host(vertices, faces)

@@ -5,8 +5,8 @@ Each ``<stem>.jpg`` (or ``.png``) has a ``<stem>.mat`` with ``Shape_Para`` (199,
 AFLW2000-3D, ``pt3d_68`` (3, 68; 1-based pixel coordinates). With the user's BFM basis
 (:mod:`vrn.data.bfm`) the fit becomes the dense ground-truth face mesh in photo pixels
 (``docs/reference.md``, "Evaluation": ``X = s R V + t``, then ``x = X - 1``,
-``y = h - Y``, ``z = Z``), the crop follows the paper's 68-landmark rule, and the target volume is the mesh voxelised
-in that crop (:mod:`vrn.data.voxelize`).
+``y = h - Y``, ``z = Z``), the crop follows the paper's 68-landmark rule, and the target
+volume is the mesh voxelised in that crop (:mod:`vrn.data.voxelize`).
 """
 
 from __future__ import annotations

@@ -312,7 +312,6 @@ def model_logits(model: nn.Module, x: torch.Tensor, size: int,
         return (F.interpolate(model.head(h), **up),
                 F.interpolate(model.landmark_head(first), **up))
     if arch == "VRNGuided":
-        full = model.landmark_config.input_size
         heat_full = model.landmarks.logits(x)
         guided = torch.cat([x, torch.sigmoid(heat_full)], dim=1)
         heat = F.interpolate(heat_full, size=(size, size), mode="bilinear", align_corners=True)
