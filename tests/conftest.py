@@ -15,6 +15,32 @@ SMALL_CONFIG = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
                     residuals_b=1, residuals_b_innermost=1, out_depth=16, input_size=192)
 
 
+# The smallest VRN worth testing on 32x32 crops: model code paths, in milliseconds.
+TINY_CONFIG = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
+                   residuals_b=1, residuals_b_innermost=1, out_depth=8, input_size=32)
+
+
+def make_small_model(architecture: str = "VRN", *, bn_mode: str = "instance", seed: int = 0,
+                     **overrides):
+    """A seeded model of ``architecture`` in evaluation mode, configured as
+    :data:`SMALL_CONFIG` (the pipeline's 192x192 input) with ``overrides`` applied (e.g.
+    ``**TINY_CONFIG``); a ``VRNGuided`` gets its 3 + 68 input channels."""
+    from vrn.model import NUM_LANDMARKS, VRNConfig, build_model
+
+    torch.manual_seed(seed)
+    config = {**SMALL_CONFIG, **overrides}
+    if architecture == "VRNGuided":
+        config.setdefault("in_channels", 3 + NUM_LANDMARKS)
+    return build_model(architecture, VRNConfig(**config), bn_mode=bn_mode).eval()
+
+
+@pytest.fixture
+def small_model():
+    """``small_model(architecture="VRN", *, bn_mode="instance", seed=0, **overrides)``:
+    see :func:`make_small_model`."""
+    return make_small_model
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"
@@ -33,10 +59,9 @@ def sample_image() -> np.ndarray:
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory) -> Path:
     """A seeded small VRN (instance batch norm) saved in our checkpoint format."""
-    from vrn.model import VRN, VRNConfig, save_checkpoint, set_bn_mode
+    from vrn.model import save_checkpoint
 
-    torch.manual_seed(1)
-    model = set_bn_mode(VRN(VRNConfig(**SMALL_CONFIG)), "instance").eval()
+    model = make_small_model(seed=1)
     path = tmp_path_factory.mktemp("weights") / "small.safetensors"
     save_checkpoint(model, path)
     return path

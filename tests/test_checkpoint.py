@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import make_small_model
 from vrn.errors import WeightsError
-from vrn.model import (NUM_LANDMARKS, ModelInfo, VRNConfig, build_model, load_checkpoint,
-                       load_model, save_checkpoint, set_bn_mode)
+from vrn.model import (ModelInfo, VRNConfig, load_checkpoint, load_model, save_checkpoint,
+                       set_bn_mode)
 from vrn.model.checkpoint import FORMAT, read_checkpoint_info
 
 SMALL = dict(features=16, num_stacks=1, hourglass_depth=2, residuals_a=1, residuals_b=1,
@@ -20,9 +21,7 @@ SMALL = dict(features=16, num_stacks=1, hourglass_depth=2, residuals_a=1, residu
 
 
 def small(architecture: str, seed: int = 0):
-    torch.manual_seed(seed)
-    in_channels = 3 + NUM_LANDMARKS if architecture == "VRNGuided" else 3
-    model = build_model(architecture, VRNConfig(**SMALL, in_channels=in_channels))
+    model = make_small_model(architecture, bn_mode="running", seed=seed, **SMALL)
     # Non-trivial running statistics, so a round trip that dropped buffers would show.
     with torch.no_grad():
         for name, buffer in model.named_buffers():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import make_small_model
 from vrn.model import (NUM_LANDMARKS, VRN, BatchNorm2d, VRNConfig, VRNGuided, VRNMultitask,
                        build_model, count_parameters, set_bn_mode)
 
@@ -16,10 +17,7 @@ SMALL = dict(features=16, num_stacks=2, hourglass_depth=2, residuals_a=1, residu
 
 
 def small(architecture: str = "VRN", **overrides) -> nn.Module:
-    torch.manual_seed(0)
-    in_channels = 3 + NUM_LANDMARKS if architecture == "VRNGuided" else 3
-    config = VRNConfig(**{**SMALL, "in_channels": in_channels, **overrides})
-    return build_model(architecture, config)
+    return make_small_model(architecture, bn_mode="running", **{**SMALL, **overrides}).train()
 
 
 def images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
