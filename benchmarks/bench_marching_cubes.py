@@ -17,16 +17,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from vrn.bench.isosurface import (OURS, available_implementations, face_like_volume,
-                                  noisy_volume)
+                                   noisy_volume)
+from vrn.metrics import repeat, summarize
 
 LEVEL = 0.5
 
@@ -44,15 +41,10 @@ def time_runs(run, volume, repeats: int) -> dict:
     """Wall and process CPU milliseconds (medians) of ``repeats`` runs after a warm-up.
     On a busy machine the CPU time of a single-threaded implementation is the steadier
     figure; for a multi-threaded one it adds up its threads."""
-    sizes = run(volume)  # warm-up: compiles or loads cached kernels
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        run(volume)
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-    return {"median_ms": round(statistics.median(wall), 3), "min_ms": round(min(wall), 3),
-            "cpu_ms": round(statistics.median(cpu), 3), "runs": len(wall),
+    timed = repeat(lambda: run(volume), runs=repeats)  # the warm-up compiles our kernels
+    wall, sizes = timed.summary(), timed.result
+    return {"median_ms": round(wall["p50"], 3), "min_ms": round(wall["min"], 3),
+            "cpu_ms": round(summarize(timed.cpu_ms)["p50"], 3), "runs": wall["n"],
             "vertices": int(sizes[0]), "faces": int(sizes[1])}
 
 

@@ -13,14 +13,14 @@ Each figure is the median of ``--repeats`` runs after a warm-up (which compiles)
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 
 import numpy as np
 
 from vrn.data.bfm import crop_rotation
 from vrn.data.voxelize import column_runs
+from vrn.metrics import repeat
 
 YAWS = (0.0, 30.0, 60.0, 90.0)
 
@@ -51,13 +51,7 @@ def _frontal_mesh(args):
 
 
 def _median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return repeat(fn, runs=repeats).summary()["p50"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         r = crop_rotation(0.0, np.radians(yaw), 0.0)
         c = frontal.mean(0)
         posed = (frontal - c) @ r.T + c
-        ours = _median_ms(lambda: column_runs(posed, tris, rotation=r), args.repeats)
-        axis = _median_ms(lambda: column_runs(posed, tris), args.repeats)
+        ours = _median_ms(partial(column_runs, posed, tris, rotation=r), args.repeats)
+        axis = _median_ms(partial(column_runs, posed, tris), args.repeats)
         print(f"{yaw:4.0f}  {ours:15.1f} ms  {axis:14.1f} ms  {ours / axis:8.2f}")
     return 0
 

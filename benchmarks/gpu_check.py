@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrn.bench.validation import MIN_IOU, occupancy_iou
+from vrn.metrics import MIN_IOU, occupancy_iou, repeat
 from vrn.runtime.backends.cuda_arrays import torch_cuda
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,9 +56,9 @@ class Context:
         and a wider and a shifted box around it (other landmarks, other crops). Their
         landmarks are :meth:`landmarks`."""
         if "crops" not in self.cache:
+            from vrn.image_io import load_image, sample_image_path
             from vrn.runtime.crop import to_network_input
             from vrn.runtime.detect import FaceBox, create_detector
-            from vrn.image_io import load_image, sample_image_path
             from vrn.runtime.landmarks import LandmarkStage
             from vrn.runtime.pipeline import landmark_crops
 
@@ -106,15 +106,8 @@ def infer_each(backend, crops: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
 
 def _time_ms(fn, repeats: int = 20, warmup: int = 3) -> dict:
     """p50 and mean wall milliseconds of ``fn()`` (which must synchronise itself)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return {"p50_ms": round(float(np.median(samples)), 3),
-            "mean_ms": round(float(np.mean(samples)), 3)}
+    stats = repeat(fn, runs=repeats, warmup=warmup).summary()
+    return {"p50_ms": round(stats["p50"], 3), "mean_ms": round(stats["mean"], 3)}
 
 
 def check_cpu_reference(ctx: Context) -> dict:
@@ -290,12 +283,14 @@ def check_tensorrt(ctx: Context) -> dict:
     except ImportError as exc:
         return {"status": "skip", "detail": f"tensorrt does not import ({exc})"}
     torch = torch_cuda()
+    from vrn.export.onnx_export import DEFAULT_MAX_BATCH
     from vrn.export.tensorrt_build import build_engine
     from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
 
     engine = ctx.scratch / "vrn-fp16.engine"
     onnx_fp16 = ctx.onnx(fp16=True)
-    build = build_engine(onnx_fp16, engine, max_batch=4, opt_batch=1, precision="fp16")
+    build = build_engine(onnx_fp16, engine, max_batch=DEFAULT_MAX_BATCH, opt_batch=1,
+                         precision="fp16")
     reference, crops, landmarks = ctx.reference(), ctx.crops(), ctx.landmarks()
     result = {"build_s": round(build.build_seconds, 1)}
     for graphs in (False, True):

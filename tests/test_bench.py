@@ -1,4 +1,4 @@
-"""vrn-bench: statistics, the system block, planning, and tiny end-to-end runs on small
+"""vrn-bench: the system block, planning, and tiny end-to-end runs on small
 models (unguided, and landmark-guided on torch and onnxruntime) whose reports must have
 every section, the landmark stage, and only positive figures."""
 
@@ -11,47 +11,30 @@ import re
 import numpy as np
 import pytest
 
+from vrn.bench.artifacts import landmark_backend
+from vrn.bench.plan import BenchSettings, Combo, plan
 from vrn.bench.report import (load_json, markdown_report, plot_stages, result_file_name,
                               write_json, write_results_md)
-from vrn.bench.runner import (FRAME_STAGES, BenchSettings, Combo, FrameSource,
-                              landmark_backend, plan, run_benchmark, time_inference)
-from vrn.bench.stats import STAT_KEYS, ratio, summarize
+from vrn.bench.runner import run_benchmark
+from vrn.bench.source import FrameSource
 from vrn.bench.system import machine_name, system_info
-from vrn.bench.validation import occupancy_iou
+from vrn.bench.timing import FRAME_STAGES, time_inference
+from vrn.metrics import STAT_KEYS
 
 # A small landmark-guided VRN (32 px crops: quick on a CPU).
 GUIDED_CONFIG = dict(features=8, num_stacks=1, hourglass_depth=1, residuals_a=1,
                      residuals_b=1, residuals_b_innermost=1, input_size=32, out_depth=16)
 
 
-def test_summarize_gives_mean_percentiles_and_extremes():
-    stats = summarize([4.0, 1.0, 3.0, 2.0])
-    assert stats["n"] == 4
-    assert stats["mean"] == pytest.approx(2.5)
-    assert stats["p50"] == pytest.approx(2.5)
-    assert stats["min"] == 1.0 and stats["max"] == 4.0
-    assert stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
-    assert stats["p99"] == pytest.approx(np.percentile([1, 2, 3, 4], 99))
-
-
-@pytest.mark.parametrize("bad", [[], [1.0, float("nan")]])
-def test_summarize_rejects_empty_and_non_finite(bad):
-    with pytest.raises(ValueError):
-        summarize(bad)
-
-
-def test_ratio_is_reference_over_candidate():
-    assert ratio(10.0, 4.0) == pytest.approx(2.5)
-    with pytest.raises(ValueError):
-        ratio(0.0, 1.0)
-
-
 def test_system_block_names_the_machine():
+    from vrn.runtime.cpu import cpu_info
+
     system = system_info()
     assert system["cpu"]["logical_cores"] >= 1
     assert system["cpu"]["model"]
     assert system["libraries"]["torch"] and system["libraries"]["numpy"]
-    assert isinstance(system["cpu"]["bf16"], bool)
+    assert system["cpu"]["bf16"] is cpu_info().bf16  # the runtime's probe decides
+    assert set(system["cpu"]["features"]) <= set(cpu_info().flags)
     name = machine_name(system)
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", name), name
 
@@ -72,6 +55,19 @@ def test_plan_puts_the_reference_first_and_says_why_combos_are_skipped():
     assert all(reason for reason in skipped.values())
 
 
+def test_plan_offers_cpu_bf16_where_the_probe_finds_it(monkeypatch):
+    from vrn.runtime import cpu
+
+    settings = BenchSettings(backends=("torch",), precisions=("fp32", "bf16"))
+    for flags, offered in (("avx2 avx512f avx512_bf16", True), ("avx2 fma", False)):
+        probe = cpu.parse_cpuinfo(f"model name : test\nflags : {flags}\n")
+        monkeypatch.setattr(cpu, "cpu_info", lambda probe=probe: probe)
+        combos, unavailable = plan(settings, cuda=False, tensorrt="no")
+        assert (Combo("torch", "cpu", "bf16") in combos) is offered
+        assert any(u["device"] == "cpu" and u["precision"] == "bf16"
+                   for u in unavailable) is not offered
+
+
 def test_plan_with_cuda_offers_gpu_configurations():
     settings = BenchSettings(backends=("torch", "tensorrt"), precisions=("fp32", "fp16"))
     combos, unavailable = plan(settings, cuda=True, cpu_bf16=True, tensorrt=None)
@@ -85,18 +81,6 @@ def test_plan_with_cuda_offers_gpu_configurations():
 def test_settings_reject_bad_values(kwargs):
     with pytest.raises(ValueError):
         BenchSettings(**kwargs)
-
-
-def test_occupancy_iou():
-    a = np.zeros((2, 4, 4), np.float32)
-    b = a.copy()
-    a[0, :2] = 1.0
-    b[0, :1] = 1.0
-    assert occupancy_iou(a, b) == pytest.approx(0.5)
-    assert occupancy_iou(a, a) == 1.0
-    assert occupancy_iou(np.zeros(3), np.zeros(3)) == 1.0
-    with pytest.raises(ValueError):
-        occupancy_iou(a, a[:1])
 
 
 def test_frame_source_decodes_the_sample_and_names_bad_files(tmp_path):
@@ -267,9 +251,9 @@ def test_load_json_rejects_other_files(tmp_path):
 
 
 def test_cli_writes_json_markdown_and_plot(layered_checkpoint, tmp_path, capsys):
-    from vrn.cli.bench import main
-
     import importlib.util
+
+    from vrn.cli.bench import main
 
     out = tmp_path / "results"
     plot = ["--plot", str(tmp_path / "plot.png")] if importlib.util.find_spec("matplotlib") \

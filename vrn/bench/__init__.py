@@ -1,13 +1,14 @@
-"""Benchmarks: ``vrn-bench``'s measurements (:mod:`.runner`), the system block
-(:mod:`.system`), summary statistics (:mod:`.stats`), int8 quantisation for the CPU
-(:mod:`.quantize`), the IoU check of reduced precisions (:mod:`.validation`) and the
-reports (:mod:`.report`)."""
+"""Benchmarks: ``vrn-bench``'s run (:mod:`.runner`) and its parts: what to measure
+(:mod:`.plan`), the model (:mod:`.models`), the frames (:mod:`.source`), the backends
+and their cached files (:mod:`.artifacts`), the timers (:mod:`.timing`), the IoU check
+of reduced precisions (:mod:`.validation`), int8 quantisation for the CPU
+(:mod:`.quantize`), speed-ups and goals (:mod:`.goals`), the system block
+(:mod:`.system`) and the reports (:mod:`.report`). Statistics, IoU and the repeat timer
+are :mod:`vrn.metrics`'."""
 
-from .stats import STAT_KEYS, ratio, summarize
 from .system import machine_name, system_info
 
-__all__ = ["STAT_KEYS", "BenchSettings", "machine_name", "ratio", "run_benchmark",
-           "summarize", "system_info"]
+__all__ = ["BenchSettings", "machine_name", "run_benchmark", "system_info"]
 
 
 def __getattr__(name):

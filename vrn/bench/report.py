@@ -13,8 +13,10 @@ import re
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic
-from .runner import FRAME_STAGES, GPU_PHASES, SCHEMA, passes_validation
-from .validation import MIN_IOU
+from ..metrics import MIN_IOU, STAT_KEYS
+from .goals import passes_validation
+from .runner import SCHEMA
+from .timing import FRAME_STAGES, GPU_PHASES
 
 RESULTS_MD_HEADER = """# vrn-edge benchmark results
 
@@ -44,7 +46,7 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def report_stages(report: dict) -> list[str]:
-    """The stages of :data:`~vrn.bench.runner.FRAME_STAGES` that some run of ``report``
+    """The stages of :data:`~vrn.bench.timing.FRAME_STAGES` that some run of ``report``
     timed, in pipeline order (result files from before the ``landmarks`` stage lack
     it)."""
     return [s for s in FRAME_STAGES if any(s in run["stages"] for run in report["runs"])]
@@ -73,6 +75,8 @@ def system_lines(report: dict) -> list[str]:
     if cpu.get("physical_cores"):
         cores += f" ({cpu['physical_cores']} physical)"
     features = ", ".join(cpu["features"]) or "none of note"
+    if "bf16" in cpu:  # result files record it; say what it decided
+        features += f"; native bf16 {'yes' if cpu['bf16'] else 'no'}"
     lines = [f"- **CPU**: {cpu['model']}" + (f" ({cpu['family']})" if cpu.get("family") else "")
              + f", {cores}; SIMD: {features}; memory {system.get('memory_gib')} GiB"]
     if gpu:
@@ -123,28 +127,16 @@ def model_lines(report: dict) -> list[str]:
             f"({settings['source_kind']}); isosurface level {settings['level']}"]
 
 
-def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = None) -> str:
-    """The whole report as Markdown: system, model, per-stage table, distributions,
-    GPU timing, speed-ups, validation, isosurface references, goals, what was not
-    measured and why. ``plot``: a PNG path to link under the per-stage table. Tables
-    give means; ratios are of medians (p50), which a busy machine disturbs less."""
-    h = "#" * heading_level
-    date = report["system"]["date"][:10]
-    out = [f"{h} vrn-bench: {report['machine']}, {date}", ""]
-    out += system_lines(report) + model_lines(report) + [""]
-    runs = report["runs"]
-
-    out += [f"{h}# Per-stage latency, mean ms per frame", ""]
+def _stage_section(report: dict, h: str, plot: str | None) -> list[str]:
+    """Per-stage mean latency, one row per configuration and batch."""
     stages = report_stages(report)
-    rows = []
-    for run in runs:
-        rows.append([run["label"] + (" (reference)" if run["reference"] else "")]
-                    + [fmt_ms(_stage_mean(run, s)) for s in stages]
-                    + [fmt_ms(run["infer_only"]["mean"]),
-                       fmt_ms(run["crop_to_mesh"]["mean"]), fmt_ms(run["end_to_end"]["mean"]),
-                       f"{run['throughput']['frames_per_s']:.2f}",
-                       f"{run['throughput']['faces_per_s']:.2f}",
-                       f"{run['mesh']['faces']:,}"])
+    rows = [[run["label"] + (" (reference)" if run["reference"] else "")]
+            + [fmt_ms(_stage_mean(run, s)) for s in stages]
+            + [fmt_ms(run["infer_only"]["mean"]), fmt_ms(run["crop_to_mesh"]["mean"]),
+               fmt_ms(run["end_to_end"]["mean"]), f"{run['throughput']['frames_per_s']:.2f}",
+               f"{run['throughput']['faces_per_s']:.2f}", f"{run['mesh']['faces']:,}"]
+            for run in report["runs"]]
+    out = [f"{h}# Per-stage latency, mean ms per frame", ""]
     out += _table(["configuration", *stages, "network alone", "crop to mesh",
                    "end to end", "FPS", "faces/s", "triangles"], rows)
     note = ("FPS: frames per second of this sequential loop (1 / end to end). A batch of B "
@@ -155,101 +147,111 @@ def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = 
         note += (" Landmarks: 68 per face, on ONNX Runtime beside onnxruntime "
                  "configurations and on PyTorch otherwise, as the pipeline runs them.")
     out += [note, ""]
-    if plot:
-        out += [f"![per-stage latency]({plot})", ""]
+    return out + ([f"![per-stage latency]({plot})", ""] if plot else [])
 
-    out += [f"{h}# Distributions (ms)", ""]
+
+def _distribution_section(report: dict, h: str) -> list[str]:
     rows = []
-    for run in runs:
+    for run in report["runs"]:
         for name, stats in (("infer (network alone)", run["infer_only"]),
                             ("infer (in pipeline)", run["stages"]["infer"]),
                             ("crop to mesh", run["crop_to_mesh"]),
                             ("end to end", run["end_to_end"])):
-            rows.append([run["label"], name] + [fmt_ms(stats[k]) for k in
-                                                ("mean", "p50", "p90", "p99", "min", "max")])
-    out += _table(["configuration", "stage", "mean", "p50", "p90", "p99", "min", "max"], rows)
+            rows.append([run["label"], name] + [fmt_ms(stats[k]) for k in STAT_KEYS])
+    return [f"{h}# Distributions (ms)", ""] + _table(["configuration", "stage", *STAT_KEYS],
+                                                     rows)
 
-    gpu_runs = [r for r in runs if r.get("gpu")]
-    if gpu_runs:
-        out += [f"{h}# GPU inference, CUDA events (mean ms)", "",
-                "`compute` has the input and output on the device (trtexec's GPU compute "
-                "time); `with transfers` adds the pinned host-to-device and device-to-host "
-                "copies; `infer (host)` is the pipeline's infer stage as the host sees it.",
-                ""]
-        rows = [[r["label"]] + [fmt_ms(r["gpu"][p]["mean"]) for p in GPU_PHASES]
-                + [fmt_ms(r["stages"]["infer"]["mean"])] for r in gpu_runs]
-        out += _table(["configuration", "H2D", "compute", "D2H", "with transfers",
-                       "infer (host)"], rows)
 
-    if report["speedups"]:
-        out += [f"{h}# Against PyTorch eager fp32 (same device and batch, ratio of medians)",
-                "",
-                "Network alone: `infer` outside the pipeline (NumPy in and out), every "
-                "configuration once per round so that load changes hit all alike. In "
-                "pipeline: the `infer` stage of the frames above.", ""]
-        rows = [[s["label"], s["reference"], fmt_ratio(s["inference"]),
-                 fmt_ratio(s["inference_in_pipeline"]), fmt_ratio(s["end_to_end"])]
-                for s in report["speedups"]]
-        out += _table(["configuration", "reference", "network alone", "in pipeline",
-                       "end to end"], rows)
+def _gpu_section(report: dict, h: str) -> list[str]:
+    gpu_runs = [r for r in report["runs"] if r.get("gpu")]
+    if not gpu_runs:
+        return []
+    rows = [[r["label"]] + [fmt_ms(r["gpu"][p]["mean"]) for p in GPU_PHASES]
+            + [fmt_ms(r["stages"]["infer"]["mean"])] for r in gpu_runs]
+    return [f"{h}# GPU inference, CUDA events (mean ms)", "",
+            "`compute` has the input and output on the device (trtexec's GPU compute "
+            "time); `with transfers` adds the pinned host-to-device and device-to-host "
+            "copies; `infer (host)` is the pipeline's infer stage as the host sees it.",
+            ""] + _table(["configuration", "H2D", "compute", "D2H", "with transfers",
+                          "infer (host)"], rows)
 
-    if report["validation"]:
-        settings = report["settings"]
-        out += [f"{h}# Occupancy IoU against PyTorch fp32", "",
-                f"On {len(settings['validation_crops'])} face crops "
-                f"({', '.join(settings['validation_crops'])}); passes at IoU >= "
-                f"{settings['min_iou']} on every crop. int8-static is calibrated on these "
-                "same crops.", ""]
-        rows = [[f"{v['backend']} {v['device']} {v['precision']}", v["crops"],
-                 f"{v['iou_min']:.4f}", f"{v['iou_mean']:.4f}", f"{v['max_abs_diff']:.3g}",
-                 "yes" if v["passed"] else "**no**"] for v in report["validation"]]
-        out += _table(["configuration", "crops", "IoU min", "IoU mean", "max abs diff",
-                       "passes"], rows)
 
+def _speedup_section(report: dict, h: str) -> list[str]:
+    if not report["speedups"]:
+        return []
+    rows = [[s["label"], s["reference"], fmt_ratio(s["inference"]),
+             fmt_ratio(s["inference_in_pipeline"]), fmt_ratio(s["end_to_end"])]
+            for s in report["speedups"]]
+    return [f"{h}# Against PyTorch eager fp32 (same device and batch, ratio of medians)", "",
+            "Network alone: `infer` outside the pipeline (NumPy in and out), every "
+            "configuration once per round so that load changes hit all alike. In "
+            "pipeline: the `infer` stage of the frames above.", ""] + _table(
+        ["configuration", "reference", "network alone", "in pipeline", "end to end"], rows)
+
+
+def _validation_section(report: dict, h: str) -> list[str]:
+    if not report["validation"]:
+        return []
+    crops = report["settings"]["validation_crops"]
+    rows = [[f"{v['backend']} {v['device']} {v['precision']}", v["crops"],
+             f"{v['iou_min']:.4f}", f"{v['iou_mean']:.4f}", f"{v['max_abs_diff']:.3g}",
+             "yes" if v["passed"] else "**no**"] for v in report["validation"]]
+    return [f"{h}# Occupancy IoU against PyTorch fp32", "",
+            f"On {len(crops)} face crops ({', '.join(crops)}); passes at IoU >= "
+            f"{report['settings']['min_iou']} on every crop. int8-static is calibrated on "
+            "these same crops.", ""] + _table(
+        ["configuration", "crops", "IoU min", "IoU mean", "max abs diff", "passes"], rows)
+
+
+def _isosurface_section(report: dict, h: str) -> list[str]:
     iso = report["references"].get("isosurface")
-    if iso:
-        out += [f"{h}# Isosurface: vrn.kernels.marching_cubes vs references (CPU, level "
-                f"{iso['level']})", "",
-                "`time vs ours`: how many times longer than ours the implementation takes "
-                "(ratio of medians).",
-                ""]
-        rows = []
-        for entry in iso["volumes"]:
-            for impl, stats in entry["implementations"].items():
-                ours = impl == iso["ours"]
-                rows.append([entry["volume"], "x".join(str(s) for s in entry["shape"]), impl,
-                             fmt_ms(stats["mean"]), fmt_ms(stats["p50"]), fmt_ms(stats["min"]),
-                             f"{stats['triangles']:,}",
-                             "1.00x (ours)" if ours else
-                             fmt_ratio(entry["slower_than_ours"][impl])])
-        out += _table(["volume", "shape", "implementation", "mean", "p50", "min", "triangles",
-                       "time vs ours"], rows)
-        if iso["unavailable"]:
-            out += ["Not run: " + "; ".join(f"{k}: {v}" for k, v in iso["unavailable"].items())
-                    + ".", ""]
+    if not iso:
+        return []
+    rows = []
+    for entry in iso["volumes"]:
+        for impl, stats in entry["implementations"].items():
+            rows.append([entry["volume"], "x".join(str(s) for s in entry["shape"]), impl,
+                         fmt_ms(stats["mean"]), fmt_ms(stats["p50"]), fmt_ms(stats["min"]),
+                         f"{stats['triangles']:,}",
+                         "1.00x (ours)" if impl == iso["ours"] else
+                         fmt_ratio(entry["slower_than_ours"][impl])])
+    out = [f"{h}# Isosurface: vrn.kernels.marching_cubes vs references (CPU, level "
+           f"{iso['level']})", "",
+           "`time vs ours`: how many times longer than ours the implementation takes "
+           "(ratio of medians).", ""]
+    out += _table(["volume", "shape", "implementation", "mean", "p50", "min", "triangles",
+                   "time vs ours"], rows)
+    if iso["unavailable"]:
+        out += ["Not run: " + "; ".join(f"{k}: {v}" for k, v in iso["unavailable"].items())
+                + ".", ""]
+    return out
 
-    out += [f"{h}# Goals", ""]
+
+def _goal_section(report: dict, h: str) -> list[str]:
     rows = []
     for g in report["goals"]:
+        in_ms = g["name"].endswith("(ms)")
         if g["value"] is None:
             measured, met = "not measured", "-"
-        elif g["name"].endswith("(ms)"):
-            measured, met = fmt_ms(g["value"]), "yes" if g["met"] else "**no**"
         else:
-            measured, met = fmt_ratio(g["value"]), "yes" if g["met"] else "**no**"
-        target = f"{g['comparison']} {g['target']:g}" + (" ms" if g["name"].endswith("(ms)")
-                                                         else "x")
+            measured = fmt_ms(g["value"]) if in_ms else fmt_ratio(g["value"])
+            met = "yes" if g["met"] else "**no**"
+        target = f"{g['comparison']} {g['target']:g}" + (" ms" if in_ms else "x")
         rows.append([g["name"], target, measured, met, g["note"]])
-    out += _table(["goal", "target", "measured", "met", "note"], rows)
+    return [f"{h}# Goals", ""] + _table(["goal", "target", "measured", "met", "note"], rows)
 
+
+def _unmeasured_section(report: dict, h: str) -> list[str]:
+    """What was not measured and why, and what preparing the files cost."""
+    out = []
     if report["unavailable"]:
-        out += [f"{h}# Not measured on this machine", ""]
         grouped: dict[tuple, list[str]] = {}
         for u in report["unavailable"]:
             grouped.setdefault((u["backend"], u["device"], u["reason"]), []).append(
                 u["precision"])
         rows = [[f"{backend} {device} {', '.join(precisions)}", reason]
                 for (backend, device, reason), precisions in grouped.items()]
+        out += [f"{h}# Not measured on this machine", ""]
         out += _table(["configuration", "reason"], rows)
     if report.get("prepare_s") or report.get("reused_from_cache"):
         made = ", ".join(f"{k} {v:.1f} s" for k, v in report.get("prepare_s", {}).items())
@@ -258,6 +260,23 @@ def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = 
                 + "; ".join(part for part in (made and f"made {made}",
                                               reused and f"reused from the cache: {reused}")
                             if part) + ".", ""]
+    return out
+
+
+def markdown_report(report: dict, *, heading_level: int = 1, plot: str | None = None) -> str:
+    """The whole report as Markdown: system, model, per-stage table, distributions,
+    GPU timing, speed-ups, validation, isosurface references, goals, what was not
+    measured and why. ``plot``: a PNG path to link under the per-stage table. Tables
+    give means; ratios are of medians (p50), which a busy machine disturbs less."""
+    h = "#" * heading_level
+    date = report["system"]["date"][:10]
+    out = [f"{h} vrn-bench: {report['machine']}, {date}", ""]
+    out += system_lines(report) + model_lines(report) + [""]
+    out += _stage_section(report, h, plot)
+    for section in (_distribution_section, _gpu_section, _speedup_section,
+                    _validation_section, _isosurface_section, _goal_section,
+                    _unmeasured_section):
+        out += section(report, h)
     return "\n".join(out).rstrip() + "\n"
 
 

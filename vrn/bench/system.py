@@ -17,12 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..runtime import cpu
 from ..runtime.backends import onnxruntime_providers
 
-# CPU features that decide which reduced-precision paths are fast.
-CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                "amx_bf16", "amx_int8", "amx_tile", "asimd", "asimdhp", "bf16", "i8mm")
-BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")   # x86 AVX512-BF16 / AMX, Arm BF16
 LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "numba", "cv2",
              "skimage", "mcubes", "vtk", "pycuda")
 
@@ -47,30 +44,18 @@ def _read(path: str) -> str | None:
 
 
 def cpu_info() -> dict:
-    """CPU model, logical and physical core counts, and the SIMD features that matter
-    (:data:`CPU_FEATURES`), from ``/proc/cpuinfo`` and ``lscpu`` where present."""
-    model, flags, physical = None, set(), None
-    cpuinfo = _read("/proc/cpuinfo") or ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and model is None:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    lscpu = _run(["lscpu"]) or ""
+    """CPU model, logical and physical core counts and the instruction-set features
+    that matter (:data:`vrn.runtime.cpu.FEATURES`; ``bf16``, ``avx512``, ``vnni`` and
+    ``amx`` as booleans), from the runtime's probe (:func:`vrn.runtime.cpu.cpu_info`);
+    ``lscpu``, where present, adds the vendor family and may name the model better."""
+    probe = cpu.cpu_info()
     fields = {}
-    for line in lscpu.splitlines():
+    for line in (_run(["lscpu"]) or "").splitlines():
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
+    model = probe.model
     if fields.get("Model name") and (model is None or len(fields["Model name"]) > len(model)):
         model = fields["Model name"]
-    try:
-        physical = int(fields["Core(s) per socket"]) * int(fields.get("Socket(s)", "1"))
-    except (KeyError, ValueError):
-        physical = None
-    if not flags and fields.get("Flags"):
-        flags = set(fields["Flags"].split())
     family = fields.get("CPU family")
     return {
         "model": model or platform.processor() or platform.machine(),
@@ -78,11 +63,13 @@ def cpu_info() -> dict:
                   f"{fields.get('Model', '?')}".strip() if family else None,
         "architecture": platform.machine(),
         "logical_cores": os.cpu_count(),
-        "physical_cores": physical,
-        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else None,
-        "features": sorted(f for f in CPU_FEATURES if f in flags),
-        "bf16": any(f in flags for f in BF16_FEATURES),
+        "physical_cores": probe.physical_cores,
+        "affinity_cores": cpu.affinity_cores(),
+        "features": probe.features,
+        "bf16": probe.bf16,
+        "avx512": probe.avx512f,
+        "vnni": probe.vnni,
+        "amx": probe.amx,
     }
 
 
@@ -99,7 +86,7 @@ def library_versions() -> dict[str, str | None]:
     for name in LIBRARIES:
         try:
             module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a broken optional install counts as absent
+        except Exception:
             versions[name] = None
             continue
         version = getattr(module, "__version__", None)
@@ -137,7 +124,7 @@ def gpu_info() -> dict | None:
             info["compute_capability"] = f"{props.major}.{props.minor}"
             info["cuda_torch"] = torch.version.cuda
             info["count"] = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - a CUDA init failure means no usable GPU
+    except Exception:
         pass
     return info or None
 

@@ -2,7 +2,8 @@
 
 A reduced-precision backend (bf16, fp16, int8) passes when, on every crop, the voxels it
 puts inside the surface (occupancy above the level) overlap those of the fp32 reference
-with intersection over union of at least :data:`MIN_IOU`.
+with intersection over union of at least :data:`vrn.metrics.MIN_IOU`
+(:func:`vrn.metrics.occupancy_iou`).
 """
 
 from __future__ import annotations
@@ -12,19 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-MIN_IOU = 0.98
+from ..metrics import MIN_IOU, OCCUPANCY_LEVEL, occupancy_iou
+
 MAX_FACES_PER_PHOTO = 4
-
-
-def occupancy_iou(reference: np.ndarray, candidate: np.ndarray, *, level: float = 0.5) -> float:
-    """IoU of ``reference > level`` and ``candidate > level``, two ``(D, H, W)`` (or any
-    equal-shaped) volumes. Two empty volumes agree perfectly (1.0)."""
-    reference, candidate = np.asarray(reference), np.asarray(candidate)
-    if reference.shape != candidate.shape:
-        raise ValueError(f"volumes differ in shape: {reference.shape} vs {candidate.shape}")
-    a, b = reference > level, candidate > level
-    union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
 def image_files(paths: list[str | os.PathLike]) -> list[Path]:
@@ -51,8 +42,8 @@ def face_crops(images: list[str | os.PathLike], *, size: int, detector=None,
     crop. Photos without a detected face add nothing. ``detector`` and
     ``landmark_stage`` default to the pipeline's (build them once for many calls).
     """
-    from ..runtime.detect import create_detector
     from ..image_io import load_image
+    from ..runtime.detect import create_detector
     from ..runtime.landmarks import LandmarkStage
     from ..runtime.pipeline import face_crops as crops_of
 
@@ -73,7 +64,8 @@ def face_crops(images: list[str | os.PathLike], *, size: int, detector=None,
 
 
 def validate_against_reference(backend, reference_volumes: np.ndarray, batch: np.ndarray,
-                               landmarks: np.ndarray, *, level: float = 0.5,
+                               landmarks: np.ndarray, *,
+                               level: float = OCCUPANCY_LEVEL,
                                min_iou: float = MIN_IOU) -> dict:
     """Run ``backend`` on ``batch`` ``(N, 3, S, S)`` with its ``landmarks``
     ``(N, 68, 3)`` crop pixels (ignored by a model that is not landmark-guided), one
