@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from vrn.runtime.detect import FaceBox, YuNetFaceDetector  # noqa: E402
 from vrn.image_io import load_image  # noqa: E402
+from vrn.metrics import repeat  # noqa: E402
 from vrn.runtime.landmarks import (BOX_SCALE, BOX_SHIFT, LandmarkStage,  # noqa: E402
                                    box_to_crop_box, landmarks_to_crop_box)
 
@@ -127,20 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     for backend in ("torch", "onnxruntime"):
         timed = LandmarkStage(backend, refine=False)
         batch = np.zeros((1, 3, 120, 120), np.float32)
-        for _ in range(20):
-            timed._run(batch)
-        times = []
-        for _ in range(200):
-            start = time.perf_counter()
-            timed._run(batch)
-            times.append(time.perf_counter() - start)
-        full = []
-        for _ in range(50):
-            start = time.perf_counter()
-            timed.from_crop_boxes(image, gt_boxes[0][None])
-            full.append(time.perf_counter() - start)
-        print(f"{timed.describe()}: forward {1e3 * np.median(times):.2f} ms, "
-              f"crop + forward + mapping {1e3 * np.median(full):.2f} ms (median)")
+        forward = repeat(lambda: timed._run(batch), runs=200, warmup=20)
+        full = repeat(lambda: timed.from_crop_boxes(image, gt_boxes[0][None]), runs=50)
+        print(f"{timed.describe()}: forward {np.median(forward.wall_ms):.2f} ms, "
+              f"crop + forward + mapping {np.median(full.wall_ms):.2f} ms (median)")
     return 0
 
 

@@ -26,7 +26,7 @@ def _csv(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..bench.runner import BACKENDS, MODELS, PRECISIONS, BenchSettings
+    from ..bench.plan import BACKENDS, MODELS, PRECISIONS, BenchSettings
 
     defaults = BenchSettings()
     p = argparse.ArgumentParser(
