@@ -90,7 +90,7 @@ def test_onnxruntime_cpu_matches_torch(ort_backend, weights, batch, pipeline_cro
 def test_onnxruntime_cpu_session_is_tuned(ort_backend):
     import onnxruntime as ort
 
-    from vrn.runtime.backends.onnxruntime_backend import physical_cores
+    from vrn.runtime.cpu import physical_cores
 
     options = ort_backend.session.get_session_options()
     assert options.intra_op_num_threads == physical_cores() >= 1
@@ -122,9 +122,12 @@ def test_silent_provider_fallback_is_an_error(ort_backend, monkeypatch):
     """onnxruntime lists CUDA yet loads only the CPU provider: we must say so."""
     import onnxruntime as ort
 
+    from vrn.runtime.backends import onnxruntime_backend
     from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     real = ort.InferenceSession
+    monkeypatch.setattr(onnxruntime_backend, "device_buffers",  # no GPU here
+                        lambda device_id=0: _NumpyBuffers({}))
 
     class FallingBack(real):
         def __init__(self, path, options=None, providers=None, **kw):
@@ -153,6 +156,86 @@ def test_missing_provider_and_bad_files(ort_backend, tmp_path):
         OnnxRuntimeBackend(ort_backend.path, provider="metal")
     with pytest.raises(ValueError, match=r"batch must be \(N, 3, 192, 192\)"):
         ort_backend.infer(np.zeros((1, 3, 96, 96), np.float32))
+
+
+class _NumpyBuffers:
+    """The GPU buffer provider's API over NumPy arrays (addresses: their data pointers,
+    recorded in ``registry``), for the GPU code paths on this CPU-only machine."""
+
+    stream_handle = 7
+
+    def __init__(self, registry: dict):
+        self.registry = registry
+        self.allocations = 0
+
+    def pointer(self, array):
+        self.registry[array.ctypes.data] = array
+        return array.ctypes.data
+
+    def empty(self, shape, dtype=np.float32):
+        self.allocations += 1
+        return np.full(tuple(shape), np.nan, dtype)
+
+    def upload(self, array, out=None):
+        if isinstance(array, torch.Tensor):  # a "device" array: used in place
+            return array.numpy()
+        out[...] = array
+        return out
+
+    def to_host(self, array):
+        return np.array(array)
+
+    def hand_over(self, array):
+        return array
+
+
+class _FakeBinding:
+    """``onnxruntime.IOBinding``: what is bound to each name."""
+
+    def __init__(self):
+        self.bound, self.calls = {}, 0
+
+    def bind_input(self, name, device_type, device_id, element_type, shape, buffer_ptr):
+        self.bound[name] = (device_type, element_type, tuple(shape), buffer_ptr)
+        self.calls += 1
+
+    bind_output = bind_input
+
+
+def test_onnxruntime_gpu_binding_is_reused_per_batch_size(ort_backend, batch, monkeypatch):
+    """The IO-binding path of the GPU providers, over NumPy stand-ins for the device
+    buffers and the binding: one binding with its input and output buffers per batch
+    size, reused; a device result is a new array each call (the caller keeps it)."""
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(ort_backend.path)
+    registry: dict = {}
+    real = backend.session
+    bindings = []
+
+    class Session:
+        def io_binding(self):
+            bindings.append(_FakeBinding())
+            return bindings[-1]
+
+        def run_with_iobinding(self, binding):
+            x = registry[binding.bound[backend.input_name][3]]
+            y = registry[binding.bound[backend.output_name][3]]
+            assert binding.bound[backend.input_name][:3] == ("cuda", np.float32, x.shape)
+            y[...] = real.run(None, {backend.input_name: x})[0]
+
+    backend.device, backend.session = "cuda", Session()
+    backend._buffers = buffers = _NumpyBuffers(registry)
+    expected = ort_backend.infer(batch)
+    for _ in range(3):
+        assert np.array_equal(backend.infer(batch), expected)
+    assert len(bindings) == 1 and bindings[0].calls == 2 and buffers.allocations == 2
+    assert np.array_equal(backend.infer(batch[:1]), expected[:1])  # another batch size
+    assert len(bindings) == 2 and buffers.allocations == 4
+    first = backend.infer(torch.from_numpy(batch))  # a "device" batch: a device result
+    second = backend.infer(torch.from_numpy(batch))
+    assert first is not second and np.array_equal(first, expected)
+    assert len(bindings) == 2 and buffers.allocations == 6
 
 
 def _machine(monkeypatch, *, torch_cuda=False, gpu=False, tensorrt=False, ort=True):

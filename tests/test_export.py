@@ -1,10 +1,12 @@
-"""vrn.export and vrn-export: ONNX export (running and instance batch norm, every model
-variant, dynamic batch), fp16 conversion (the Resize-output trap), parity, engine files
-and their checks, the exporter's atomic writes, and the command line.
+"""vrn.export, vrn.deploy and vrn-export: ONNX export (running and instance batch norm,
+every model variant, dynamic batch), fp16 conversion (the Resize-output trap), parity
+through the runtime's backends, engine files and their checks, the exporter's atomic
+writes, and the command line.
 
 TensorRT is not installed here: its code is tested through its pure parts (inspector
-JSON parsing, version handling) and a stand-in ``tensorrt`` module; building and running
-real engines needs a GPU host.
+JSON parsing, version handling) and a stand-in ``tensorrt`` module whose "engines"
+compute with ONNX Runtime, run by the real TensorRT backend over NumPy "device" buffers
+(:class:`HostBuffers`); building and running real engines needs a GPU host.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vrn.cli.export import main as export_main
+from vrn.deploy import exporter, parity
+from vrn.deploy.exporter import ExportError, Exporter
 from vrn.errors import BackendUnavailableError, EngineError
-from vrn.export import (engine_file, exporter, fp16, onnx_export, parity, tensorrt_build,
-                        tensorrt_lib)
+from vrn.export import engine_file, fp16, onnx_export, tensorrt_build, tensorrt_lib
 from vrn.export.engine_file import EngineMetadata, GpuInfo, check_engine, write_engine
-from vrn.export.exporter import ExportError, Exporter
 from vrn.export.onnx_export import ChannelAffine, export_onnx, fold_batch_norms
 from vrn.model import (NUM_LANDMARKS, VRN, BatchNorm2d, VRNConfig, VRNGuided, VRNMultitask,
                        load_model, random_model, save_checkpoint, set_bn_mode)
+from vrn.runtime.backends import tensorrt_backend
+from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
+from vrn.runtime.backends.torch_backend import TorchBackend
 from vrn.runtime.pipeline import sample_face_crops
 
 SMALL = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
@@ -276,8 +282,8 @@ def test_fp16_export_of_the_network(small_onnx, tmp_path):
     assert summary.fp16_nodes > 0 and summary.initializers_converted > 0
     assert {p.key: p.value for p in half.metadata_props}["precision"] == "fp16"
     inputs = parity.parity_inputs(3, 32, faces=sample_face_crops)
-    report = parity.check_parity(parity.torch_runner(model), parity.onnxruntime_runner(dst),
-                                 inputs, name="fp16", precision="fp16", max_batch=3)
+    report = parity.check_parity(TorchBackend(model), OnnxRuntimeBackend(dst), inputs,
+                                 name="fp16", precision="fp16", max_batch=3)
     assert report.sane and report.min_iou > 0.99
     assert report.rows[-1].label == "batch of 3"
     assert run_onnx(dst, inputs[0].image).dtype == np.float32
@@ -544,11 +550,15 @@ def test_layer_precisions_from_inspector_json():
 
 class FakeBuild:
     """A stand-in for TensorRT's builder and runtime, following the Python API of 10.x and
-    11.x call for call (names, arguments, return values), so the build, inspection and
-    engine-file plumbing runs here; the "engine" computes with ONNX Runtime."""
+    11.x call for call (names, arguments, return values), so the build, inspection,
+    engine-file and backend plumbing runs here; the "engine" computes with ONNX Runtime
+    on the graph it was built from, reading and writing the :class:`HostBuffers` arrays
+    at the addresses the backend sets."""
 
     def __init__(self, version="10.3.0", layer_type="Half"):
         self.version, self.layer_type, self.calls = version, layer_type, []
+        self.arrays: dict[int, np.ndarray] = {}  # "device" address -> array
+        self.executions = 0
 
     def module(self) -> types.ModuleType:
         fake, trt = self, fake_tensorrt(self.version)
@@ -557,8 +567,9 @@ class FakeBuild:
         trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
         trt.LayerInformationFormat = types.SimpleNamespace(JSON="json")
         trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
-        trt.float32 = "float32"
-        trt.nptype = lambda dtype: np.float32
+        trt.DataType = types.SimpleNamespace(FLOAT="float32", HALF="float16")
+        trt.float32 = trt.DataType.FLOAT
+        trt.nptype = lambda dtype: np.dtype(dtype).type
 
         class Tensor:
             def __init__(self, name, shape):
@@ -586,8 +597,7 @@ class FakeBuild:
                 proto = onnx.load(path)
                 fake.onnx_path = path
                 for value in proto.graph.input:
-                    dims = [d.dim_value or -1 for d in value.type.tensor_type.shape.dim]
-                    self.network.inputs.append(Tensor(value.name, dims))
+                    self.network.inputs.append(Tensor(value.name, _dims(value)))
                 return True
 
         class Cache:
@@ -619,10 +629,11 @@ class FakeBuild:
                 fake.max_batch = max(shapes[2][0] for shapes in profile.shapes.values())
 
         class Profile:
-            shapes = {}
+            def __init__(self):
+                self.shapes = {}
 
             def set_shape(self, name, min, opt, max):
-                self.shapes = {name: (tuple(min), tuple(opt), tuple(max))}
+                self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
 
         class Builder:
             def __init__(self, logger):
@@ -642,21 +653,36 @@ class FakeBuild:
                 return b"ENGINE:" + open(fake.onnx_path, "rb").read()
 
         class Context:
-            def __init__(self):
-                self.shape = None
+            def __init__(self, engine):
+                self.engine, self.shapes, self.bound = engine, {}, {}
 
             def set_input_shape(self, name, shape):
-                self.shape = tuple(shape)
+                self.shapes[name] = tuple(shape)
                 return 1 <= shape[0] <= fake.max_batch
 
             def get_tensor_shape(self, name):
-                return (self.shape[0], 8, 32, 32)
+                batch = next(iter(self.shapes.values()))[0]
+                return tuple(batch if d < 0 else d for d in self.engine.shapes[name])
+
+            def set_tensor_address(self, name, address):
+                self.bound[name] = fake.arrays[address]
+
+            def execute_async_v3(self, stream_handle):
+                assert stream_handle == HostBuffers.stream_handle
+                engine = self.engine
+                feeds = {name: self.bound[name] for name in engine.inputs}
+                for name, array in feeds.items():
+                    assert array.shape == self.shapes[name] and array.dtype == np.float32
+                out = self.bound[engine.output]
+                out[...] = engine.session().run(None, feeds)[0]
+                fake.executions += 1
+                return True
 
         class Inspector:
             execution_context = None
 
             def get_engine_information(self, fmt):
-                assert self.execution_context.shape is not None  # concrete shapes set
+                assert self.execution_context.shapes  # concrete shapes set
                 kind = fake.layer_type
                 return json.dumps({"Layers": [
                     {"Name": "conv", "Inputs": [{"Format/Datatype": kind}],
@@ -665,28 +691,46 @@ class FakeBuild:
                      "Outputs": [{"Format/Datatype": "Float"}]}]})
 
         class Engine:
-            num_io_tensors = 2
-
             def __init__(self, onnx_bytes):
                 self.onnx_bytes = onnx_bytes
+                graph = onnx.load_from_string(onnx_bytes).graph
+                self.inputs = [v.name for v in graph.input]
+                self.output = graph.output[0].name
+                self.shapes = {v.name: _dims(v) for v in [*graph.input, *graph.output]}
+                self._session = None
+
+            @property
+            def num_io_tensors(self):
+                return len(self.shapes)
 
             def get_tensor_name(self, i):
-                return ["image", "volume"][i]
+                return [*self.inputs, self.output][i]
 
             def get_tensor_mode(self, name):
-                return "input" if name == "image" else "output"
+                return "input" if name in self.inputs else "output"
 
             def get_tensor_dtype(self, name):
                 return "float32"
 
             def get_tensor_shape(self, name):
-                return [-1, 3, 32, 32] if name == "image" else [-1, 8, 32, 32]
+                return self.shapes[name]
+
+            def get_tensor_profile_shape(self, name, profile_index):
+                assert profile_index == 0
+                shape = self.shapes[name][1:]
+                return [(1, *shape), (fake.max_batch, *shape), (fake.max_batch, *shape)]
 
             def create_execution_context(self):
-                return Context()
+                return Context(self)
 
             def create_engine_inspector(self):
                 return Inspector()
+
+            def session(self):
+                if self._session is None:
+                    self._session = ort.InferenceSession(
+                        self.onnx_bytes, providers=["CPUExecutionProvider"])
+                return self._session
 
         class Runtime:
             def __init__(self, logger):
@@ -700,6 +744,70 @@ class FakeBuild:
         return trt
 
 
+def _dims(value) -> list[int]:
+    """An ONNX value's shape, ``-1`` for a symbolic dimension."""
+    return [d.dim_value or -1 for d in value.type.tensor_type.shape.dim]
+
+
+class HostBuffers:
+    """The TensorRT backend's buffer provider with NumPy arrays as the "device" arrays
+    and their data pointers as addresses (recorded in ``registry`` for the fake
+    engine). Method for method the API of
+    :class:`~vrn.runtime.backends.cuda_arrays.TorchBuffers`."""
+
+    kind = "host"
+    graphs = False
+    stream = None
+    stream_handle = 7
+
+    def __init__(self, registry: dict):
+        self.registry = registry
+
+    def is_device_array(self, array):
+        return isinstance(array, np.ndarray)
+
+    def pointer(self, array):
+        self.registry[array.ctypes.data] = array
+        return array.ctypes.data
+
+    def empty(self, shape, dtype=np.float32):
+        return np.full(tuple(shape), np.nan, dtype)
+
+    def upload(self, array, out=None):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if out is None:
+            return array.copy()
+        out[...] = array
+        return out
+
+    def copy_into(self, dst, src):
+        dst[...] = src
+
+    def fill(self, array, value):
+        array.fill(value)
+
+    def clone(self, array):
+        return array.copy()
+
+    def as_float32(self, array):
+        return array.astype(np.float32, copy=False)
+
+    def concat(self, chunks):
+        return np.concatenate(chunks)
+
+    def to_host(self, array):
+        return np.array(array)
+
+    def hand_over(self, array):
+        return array
+
+    def capture(self, launch):
+        raise BackendUnavailableError("CUDA graphs need a CUDA build of torch")
+
+    def synchronize(self):
+        pass
+
+
 @pytest.fixture
 def fake_gpu_build(monkeypatch, tensorrt_module):
     """TensorRT and a GPU, faked: returns the :class:`FakeBuild` in use."""
@@ -709,13 +817,8 @@ def fake_gpu_build(monkeypatch, tensorrt_module):
     tensorrt_lib.tensorrt_logger.cache_clear()
     for module in (engine_file, tensorrt_build, exporter):
         monkeypatch.setattr(module, "current_gpu", lambda device=0: GPU)
-
-    def cpu_executor():
-        def execute(context, feeds, output_name, out_shape):
-            return run_onnx(build.onnx_path, *feeds.values())
-        return execute
-
-    monkeypatch.setattr(tensorrt_build, "_device_executor", cpu_executor)
+    monkeypatch.setattr(tensorrt_backend, "device_buffers",
+                        lambda device_id=0: HostBuffers(build.arrays))
     return build
 
 
@@ -728,6 +831,11 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
     assert names == ["export.json", "landmarks.engine", "landmarks.engine.json",
                      "landmarks.onnx", "timing.cache", "vrn.fp16.engine",
                      "vrn.fp16.engine.json", "vrn.fp16.onnx", "vrn.onnx"]
+    # Both engines were checked on the TensorRT backend's engine runner: the VRN's on
+    # three images and one batch of three, the landmark stage's on one batch.
+    assert fake_gpu_build.executions == 5
+    rows = report["parity"]["TensorRT fp16 vs ONNX Runtime"]["rows"]
+    assert [r["label"] for r in rows] == ["random 0", "random 1", "random 2", "batch of 3"]
     # Two builds: the VRN's engine, then the landmark stage's (fp32, input "crop").
     starts = [i for i, c in enumerate(fake_gpu_build.calls) if c[0] == "create_network"]
     assert len(starts) == 2
@@ -752,6 +860,8 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
     # the engine loads through the one loader, and a rebuild reuses the timing cache
     engine, loaded = engine_file.load_engine(out / "vrn.fp16.engine")
     assert loaded == meta and engine.onnx_bytes == (out / "vrn.fp16.onnx").read_bytes()
+    backend = TensorRTBackend(out / "vrn.fp16.engine")  # the model travels in the sidecar
+    assert backend.model_info.architecture == "VRN" and backend.precision == "fp16"
     lines = []
     Exporter(out, max_batch=3, out=_Lines(lines)).export_from_onnx(out / "vrn.fp16.onnx")
     assert (out / "timing.cache").read_bytes() == b"fresh+++"
@@ -793,6 +903,77 @@ def test_fp32_engine_switches_tf32_off(small_onnx, fake_gpu_build, tmp_path):
     assert ("clear_flag", "tf32") in fake_gpu_build.calls
     assert build.metadata.precision == "fp32" and not build.timing_cache_reused
     assert (tmp_path / build.metadata.onnx_file).resolve() == result.path.resolve()
+
+
+def test_tensorrt_backend_on_a_fake_engine(small_onnx, fake_gpu_build, tmp_path):
+    """The TensorRT backend over a (faked) engine: its interface read from the engine,
+    batches over the profile run in chunks, the results those of PyTorch."""
+    model, result = small_onnx
+    build = tensorrt_build.build_engine(result.path, tmp_path / "vrn.engine", max_batch=2,
+                                        precision="fp32")
+    backend = TensorRTBackend(build.engine_path)
+    assert (backend.input_size, backend.out_depth, backend.min_batch, backend.max_batch) == \
+        (32, 8, 1, 2)
+    assert not backend.guided and backend.model_info is None  # no model in the metadata
+    assert "host buffers" in backend.describe()
+    images = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    got = backend.infer(images)
+    assert fake_gpu_build.executions == 3  # 2 + 2 + 1
+    assert got.shape == (5, 8, 32, 32) and got.dtype == np.float32
+    assert np.abs(got - TorchBackend(model).infer(images)).max() < 1e-4
+    with pytest.raises(ValueError, match=r"batch must be \(N, 3, 32, 32\)"):
+        backend.infer(images[:, :, :16])
+    with pytest.raises(BackendUnavailableError, match="CUDA graphs"):
+        TensorRTBackend(build.engine_path, cuda_graphs=True)
+
+
+def test_tensorrt_backend_on_a_fake_guided_engine(fake_gpu_build, tmp_path):
+    from conftest import guided_model
+
+    model = guided_model(SMALL.to_dict(), guidance_scale=0.05)
+    path = export_onnx(model, tmp_path / "guided.onnx", max_batch=2).path
+    build = tensorrt_build.build_engine(path, tmp_path / "guided.engine", max_batch=2,
+                                        precision="fp32")
+    backend = TensorRTBackend(build.engine_path)
+    assert backend.guided and backend.landmarks_name == "landmarks"
+    images = np.random.default_rng(1).random((3, 3, 32, 32), dtype=np.float32)
+    landmarks = parity.random_landmarks(3, 32, seed=2)
+    got = backend.infer(images, landmarks)
+    assert np.abs(got - TorchBackend(model).infer(images, landmarks)).max() < 1e-4
+    with pytest.raises(ValueError, match="needs landmarks"):
+        backend.infer(images)
+
+
+def test_landmark_engine_runner(small_weights, fast_export, fake_gpu_build, tmp_path):
+    from vrn.model.landmark_net import load_landmark_regressor
+    from vrn.runtime.landmarks import TensorRTLandmarkRunner, TorchLandmarkRunner
+
+    out = tmp_path / "out"
+    Exporter(out, max_batch=2, verify=False, out=_Lines([])).export(small_weights)
+    runner = TensorRTLandmarkRunner(out / "landmarks.engine")
+    crops = np.random.default_rng(3).uniform(-1, 1, (3, 3, 120, 120)).astype(np.float32)
+    expected = TorchLandmarkRunner(load_landmark_regressor())(crops)
+    assert np.abs(runner(crops) - expected).max() < 1e-2
+    assert "landmarks.engine" in runner.describe()
+    with pytest.raises(EngineError, match=r"are not \(N, 3, 120, 120\)"):
+        TensorRTLandmarkRunner(out / "vrn.engine")
+
+
+def test_export_parity_runs_the_shipped_backends(small_weights, fast_export, fake_gpu_build,
+                                                 tmp_path, monkeypatch):
+    """A fault in a runtime backend fails the export's check of the file it runs."""
+    real_run = tensorrt_backend.TensorRTEngine.run_chunk
+    monkeypatch.setattr(tensorrt_backend.TensorRTEngine, "run_chunk",
+                        lambda self, inputs: real_run(self, inputs) * 0.5)
+    report = Exporter(tmp_path / "a", max_batch=2, engine="yes",
+                      out=_Lines([])).export(small_weights)
+    assert [item["target"] for item in report["failed"]] == ["TensorRT"]
+    assert "TensorRT fp32 vs ONNX Runtime: parity check failed" in report["failed"][0]["error"]
+    real_infer = OnnxRuntimeBackend.infer
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer",
+                        lambda self, *a, **k: real_infer(self, *a, **k) + 1e-3)
+    with pytest.raises(ExportError, match="ONNX fp32 vs PyTorch: parity check failed"):
+        Exporter(tmp_path / "b", engine="no", out=_Lines([])).export(small_weights)
 
 
 # --- the exporter -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ SMALL = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residu
 
 
 def _landmarks(n=2, size=192, seed=0):
-    from vrn.export.parity import random_landmarks
+    from vrn.deploy.parity import random_landmarks
 
     return random_landmarks(n, size, seed=seed)
 
@@ -124,8 +124,10 @@ def test_guided_model_starts_as_its_unguided_vrn():
 
 
 def test_guided_export_parity_with_onnxruntime(tmp_path):
+    from vrn.deploy.parity import check_parity, parity_inputs
     from vrn.export.onnx_export import LANDMARKS_NAME, export_onnx
-    from vrn.export.parity import check_parity, onnxruntime_runner, parity_inputs, torch_runner
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from vrn.runtime.backends.torch_backend import TorchBackend
 
     model = guided_model(SMALL, guidance_scale=0.05)
     path = tmp_path / "guided.onnx"
@@ -135,7 +137,7 @@ def test_guided_export_parity_with_onnxruntime(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["image", "landmarks"]
     assert session.get_inputs()[1].shape == ["batch", 68, 3]
     inputs = parity_inputs(3, 64, random_count=3, guided=True)
-    report = check_parity(torch_runner(model), onnxruntime_runner(path), inputs,
+    report = check_parity(TorchBackend(model), OnnxRuntimeBackend(path), inputs,
                           name="guided", precision="fp32", max_batch=3)
     assert report.passed, report.rows
 

@@ -214,3 +214,23 @@ def test_onnxruntime_gpu_when_installed(tmp_path, crops, landmarks, guided):
     assert device_volume.is_cuda
     assert np.abs(device_volume.cpu().numpy() - reference).max() < 1e-3
     assert np.abs(backend.infer(crops, landmarks) - reference).max() < 1e-3
+
+
+def test_crops_go_up_through_one_reused_pinned_buffer():
+    """The pipeline's upload keeps one page-locked buffer, grown only when a frame needs
+    more, and waits for the last copy out of it before writing it again."""
+    from vrn.runtime.pipeline import _Uploader
+
+    upload = _Uploader(0)
+    crops = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
+    first = upload(crops)
+    buffer = upload._host
+    assert buffer.is_pinned() and buffer.numel() == crops.size
+    smaller = upload(crops[:1])
+    assert upload._host is buffer  # reused
+    larger = upload(np.concatenate([crops, crops]))
+    assert upload._host is not buffer and upload._host.numel() == 2 * crops.size
+    torch.cuda.synchronize()
+    assert first.is_cuda and np.array_equal(first.cpu().numpy(), crops)
+    assert np.array_equal(smaller.cpu().numpy(), crops[:1])
+    assert np.array_equal(larger.cpu().numpy(), np.concatenate([crops, crops]))

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..export.exporter import Exporter
+    from ..deploy.exporter import Exporter
     from ..export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, onnx_metadata
     from ..runtime.pipeline import sample_face_crops
 

@@ -1,10 +1,12 @@
-"""Deployment export: PyTorch -> fp32 ONNX (:mod:`.onnx_export`) -> fp16 ONNX
+"""Deployment artifacts: PyTorch -> fp32 ONNX (:mod:`.onnx_export`) -> fp16 ONNX
 (:mod:`.fp16`) -> TensorRT engine (:mod:`.tensorrt_build`; engine files and their
-metadata in :mod:`.engine_file`), with numerical parity checks (:mod:`.parity`);
-:mod:`.exporter` chains the steps for ``vrn-export``.
+metadata in :mod:`.engine_file`), and the landmark stage's graph
+(:mod:`.landmark_onnx`). The writers only: :mod:`vrn.deploy` chains them for
+``vrn-export`` and checks each artifact through the runtime's backends, which import
+this package (so it imports neither).
 
 Names are imported on first use, so loading an engine (:func:`load_engine`) does not
-import the exporter's dependencies; TensorRT itself is only imported inside functions.
+import the ONNX tooling; TensorRT itself is only imported inside functions.
 """
 
 import importlib
@@ -12,10 +14,8 @@ import importlib
 _NAMES = {
     "EngineMetadata": "engine_file", "GpuInfo": "engine_file", "check_engine": "engine_file",
     "current_gpu": "engine_file", "load_engine": "engine_file", "read_metadata": "engine_file",
-    "ExportError": "exporter", "Exporter": "exporter",
     "convert_to_fp16": "fp16", "export_fp16": "fp16",
     "export_onnx": "onnx_export", "fold_batch_norms": "onnx_export",
-    "ParityReport": "parity", "check_parity": "parity",
 }
 
 __all__ = sorted(_NAMES)

@@ -109,105 +109,128 @@ def convert_to_fp16(proto: onnx.ModelProto, *, keep_fp32: tuple[str, ...] = DEFA
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in graph.node for a in node.attribute):
         raise ValueError("graphs with subgraphs (If, Loop, Scan) are not supported")
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    elem_type = {v.name: v.type.tensor_type.elem_type
-                 for v in [*inferred.graph.value_info, *inferred.graph.input,
-                           *inferred.graph.output]}
-    initializers = {init.name: init for init in graph.initializer}
-    for name, init in initializers.items():
-        elem_type[name] = init.data_type
-    is_float = {name for name, t in elem_type.items() if t == FLOAT}
-    keep = frozenset(keep_fp32)
-    keep_nodes = frozenset(keep_fp32_nodes)
-    geometry = _geometry_nodes(graph)
-    graph_inputs = {value.name for value in graph.input}
-
-    def runs_fp16(node):
-        return (node.op_type in FP16_OPS and node.op_type not in keep
-                and node.name not in keep_nodes and node.output[0] not in geometry
-                and not any(name in graph_inputs for name in node.input))
-
-    def wanted_type(node, index):
-        if runs_fp16(node) and index not in FP32_INPUTS.get(node.op_type, ()):
-            return FLOAT16
-        return FLOAT
-
-    # An fp32 initializer becomes fp16 when every use wants fp16; otherwise it stays and
-    # fp16 uses get a Cast.
-    uses: dict[str, set[int]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in initializers and name in is_float:
-                uses.setdefault(name, set()).add(wanted_type(node, i))
-    current = {name: FLOAT for name in is_float}
-    converted = 0
-    for name, wanted in uses.items():
-        if wanted == {FLOAT16}:
-            init = initializers[name]
-            values = numpy_helper.to_array(init)
-            if np.abs(values).max(initial=0.0) > FP16_MAX:
-                raise ValueError(f"initializer {name!r} holds values beyond the float16 "
-                                 f"range (max |w| = {np.abs(values).max():.3g})")
-            init.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name))
-            current[name] = FLOAT16
-            converted += 1
-
-    nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
-
-    def as_type(name: str, to: int) -> str:
-        if current.get(name) == to:
-            return name
-        key = (name, to)
-        if key not in casts:
-            suffix = "fp16" if to == FLOAT16 else "fp32"
-            out = _unique(f"{name}_{suffix}", elem_type)
-            nodes.append(helper.make_node("Cast", [name], [out], to=to,
-                                          name=f"cast_{out}"))
-            elem_type[out] = to
-            current[out] = to
-            casts[key] = out
-        return casts[key]
-
-    fp16_nodes = fp32_nodes = 0
-    fp32_ops: dict[str, int] = {}
-    for node in graph.node:
-        low = runs_fp16(node)
-        for i, name in enumerate(node.input):
-            if name in is_float:
-                node.input[i] = as_type(name, wanted_type(node, i))
-        if low:
-            _lower_node_attributes(node)
-        for name in node.output:
-            if name in is_float:
-                current[name] = FLOAT16 if low else FLOAT
-        nodes.append(node)
-        if low:
-            fp16_nodes += 1
-        elif any(name in is_float for name in node.output):
-            fp32_nodes += 1
-            fp32_ops[node.op_type] = fp32_ops.get(node.op_type, 0) + 1
-
-    for output in graph.output:
-        if current.get(output.name) == FLOAT16:
-            internal = _unique(f"{output.name}_fp16", elem_type)
-            elem_type[internal] = FLOAT16
-            for node in nodes:
-                node.input[:] = [internal if n == output.name else n for n in node.input]
-                node.output[:] = [internal if n == output.name else n for n in node.output]
-            nodes.append(helper.make_node("Cast", [internal], [output.name], to=FLOAT,
-                                          name=f"cast_{output.name}"))
-            casts[(internal, FLOAT)] = output.name
-
+    converter = _Converter(model, frozenset(keep_fp32), frozenset(keep_fp32_nodes))
+    converted = converter.convert_initializers()
+    fp16_nodes, fp32_nodes, fp32_ops = converter.rewrite_nodes()
+    converter.cast_outputs()
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(converter.nodes)
     del graph.value_info[:]
     summary = Fp16Conversion(fp16_nodes=fp16_nodes, fp32_nodes=fp32_nodes,
-                             casts_added=len(casts), fp32_ops=fp32_ops,
+                             casts_added=len(converter.casts), fp32_ops=fp32_ops,
                              initializers_converted=converted)
     check_io_float32(model)
     return model, summary
+
+
+class _Converter:
+    """The state of one fp32 -> fp16 conversion: each tensor's element type (from shape
+    inference), its type at this point of the rewrite (``current``), the casts made
+    (``(name, type) -> cast output``) and the rewritten node list."""
+
+    def __init__(self, model: onnx.ModelProto, keep: frozenset, keep_nodes: frozenset):
+        graph = model.graph
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.elem_type = {v.name: v.type.tensor_type.elem_type
+                          for v in [*inferred.graph.value_info, *inferred.graph.input,
+                                    *inferred.graph.output]}
+        self.initializers = {init.name: init for init in graph.initializer}
+        for name, init in self.initializers.items():
+            self.elem_type[name] = init.data_type
+        self.is_float = {name for name, t in self.elem_type.items() if t == FLOAT}
+        self.graph = graph
+        self.keep, self.keep_nodes = keep, keep_nodes
+        self.geometry = _geometry_nodes(graph)
+        self.graph_inputs = {value.name for value in graph.input}
+        self.current = {name: FLOAT for name in self.is_float}
+        self.nodes: list[onnx.NodeProto] = []
+        self.casts: dict[tuple[str, int], str] = {}
+
+    def runs_fp16(self, node) -> bool:
+        return (node.op_type in FP16_OPS and node.op_type not in self.keep
+                and node.name not in self.keep_nodes and node.output[0] not in self.geometry
+                and not any(name in self.graph_inputs for name in node.input))
+
+    def wanted_type(self, node, index: int) -> int:
+        if self.runs_fp16(node) and index not in FP32_INPUTS.get(node.op_type, ()):
+            return FLOAT16
+        return FLOAT
+
+    def convert_initializers(self) -> int:
+        """Make an fp32 initializer fp16 when every use wants fp16 (otherwise it stays
+        and fp16 uses get a Cast); the number converted."""
+        uses: dict[str, set[int]] = {}
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                if name in self.initializers and name in self.is_float:
+                    uses.setdefault(name, set()).add(self.wanted_type(node, i))
+        converted = 0
+        for name, wanted in uses.items():
+            if wanted == {FLOAT16}:
+                init = self.initializers[name]
+                values = numpy_helper.to_array(init)
+                if np.abs(values).max(initial=0.0) > FP16_MAX:
+                    raise ValueError(f"initializer {name!r} holds values beyond the float16 "
+                                     f"range (max |w| = {np.abs(values).max():.3g})")
+                init.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name))
+                self.current[name] = FLOAT16
+                converted += 1
+        return converted
+
+    def as_type(self, name: str, to: int) -> str:
+        """``name``, or the output of a Cast of it to ``to`` (made once, appended to
+        :attr:`nodes`)."""
+        if self.current.get(name) == to:
+            return name
+        key = (name, to)
+        if key not in self.casts:
+            suffix = "fp16" if to == FLOAT16 else "fp32"
+            out = _unique(f"{name}_{suffix}", self.elem_type)
+            self.nodes.append(helper.make_node("Cast", [name], [out], to=to,
+                                               name=f"cast_{out}"))
+            self.elem_type[out] = to
+            self.current[out] = to
+            self.casts[key] = out
+        return self.casts[key]
+
+    def rewrite_nodes(self) -> tuple[int, int, dict]:
+        """Each node in order, its float inputs cast to the type it wants and, when it
+        runs in fp16, its own float attributes lowered; ``(fp16 nodes, fp32 nodes, op
+        type -> count kept in fp32)``."""
+        fp16_nodes = fp32_nodes = 0
+        fp32_ops: dict[str, int] = {}
+        for node in self.graph.node:
+            low = self.runs_fp16(node)
+            for i, name in enumerate(node.input):
+                if name in self.is_float:
+                    node.input[i] = self.as_type(name, self.wanted_type(node, i))
+            if low:
+                _lower_node_attributes(node)
+            for name in node.output:
+                if name in self.is_float:
+                    self.current[name] = FLOAT16 if low else FLOAT
+            self.nodes.append(node)
+            if low:
+                fp16_nodes += 1
+            elif any(name in self.is_float for name in node.output):
+                fp32_nodes += 1
+                fp32_ops[node.op_type] = fp32_ops.get(node.op_type, 0) + 1
+        return fp16_nodes, fp32_nodes, fp32_ops
+
+    def cast_outputs(self) -> None:
+        """Give every graph output left in fp16 a final Cast back to float32 under its
+        own name (whatever node produces it: the Resize trap)."""
+        for output in self.graph.output:
+            if self.current.get(output.name) == FLOAT16:
+                internal = _unique(f"{output.name}_fp16", self.elem_type)
+                self.elem_type[internal] = FLOAT16
+                for node in self.nodes:
+                    node.input[:] = [internal if n == output.name else n for n in node.input]
+                    node.output[:] = [internal if n == output.name else n
+                                      for n in node.output]
+                self.nodes.append(helper.make_node("Cast", [internal], [output.name],
+                                                   to=FLOAT, name=f"cast_{output.name}"))
+                self.casts[(internal, FLOAT)] = output.name
 
 
 def _lower_node_attributes(node: onnx.NodeProto) -> None:

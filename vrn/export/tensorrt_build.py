@@ -32,7 +32,6 @@ from ..errors import BackendUnavailableError, EngineError
 from .engine_file import EngineMetadata, current_gpu, sha256_file, write_engine
 from .tensorrt_lib import import_tensorrt, parse_version, tensorrt_logger
 
-TESTED_MAJORS = (10, 11)
 TIMING_CACHE_NAME = "timing.cache"
 
 
@@ -164,13 +163,43 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not 1 <= min_batch <= max_batch:
         raise ValueError(f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}")
-    opt_batch = opt_batch or max_batch
+    batch = {"min": min_batch, "opt": opt_batch or max_batch, "max": max_batch}
     cache_path = Path(timing_cache) if timing_cache else engine_path.parent / TIMING_CACHE_NAME
     gpu = current_gpu()
     if gpu is None:
         raise BackendUnavailableError("no CUDA GPU found: engines are built on the GPU "
                                       "that will run them")
+    # The parser holds the weights: it stays alive until the build is done.
+    builder, network, _parser = parse_network(trt, onnx_path)
+    config, shapes = builder_config(trt, builder, network, batch, workspace_gb=workspace_gb,
+                                    precision=precision, source=onnx_path)
+    cache_reused = _timing_cache(config, cache_path)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its "
+                          "messages above)")
+    engine_bytes = bytes(serialized)
+    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    precisions, inputs, outputs = _inspect_build(engine_bytes, shapes, precision, onnx_path)
+    metadata = EngineMetadata(
+        tensorrt_version=str(trt.__version__), gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        onnx_file=os.path.relpath(onnx_path.resolve(), engine_path.parent.resolve()),
+        onnx_sha256=sha256_file(onnx_path), engine_sha256="", engine_bytes=0,
+        precision=precision, inputs=inputs, outputs=outputs, batch=batch,
+        layer_precisions=dict(precisions), model_info=onnx_metadata(onnx_path),
+        build_seconds=round(seconds, 3),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_engine(engine_path, engine_bytes, metadata)
+    return EngineBuild(engine_path=engine_path, metadata=metadata, build_seconds=seconds,
+                       timing_cache_path=cache_path, timing_cache_reused=cache_reused)
 
+
+def parse_network(trt, onnx_path: Path) -> tuple:
+    """``(builder, network, parser)``: a strongly typed network parsed from the ONNX file
+    (:class:`EngineError` with the parser's messages when it cannot be)."""
     logger = tensorrt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -178,7 +207,14 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
+    return builder, network, parser
 
+
+def builder_config(trt, builder, network, batch: dict, *, workspace_gb: float | None,
+                   precision: str, source: Path) -> tuple:
+    """``(config, shapes)``: the builder config (workspace limit, detailed profiling
+    verbosity, TF32 off for fp32, one optimization profile over ``batch`` ``{"min",
+    "opt", "max"}`` for every input) and each input's shape at the ``opt`` batch."""
     config = builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
@@ -192,121 +228,25 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         tensor = network.get_input(i)
         shape = list(tensor.shape)
         if any(d < 0 for d in shape[1:]):
-            raise EngineError(f"{onnx_path}: input {tensor.name!r} has dynamic dimensions "
+            raise EngineError(f"{source}: input {tensor.name!r} has dynamic dimensions "
                               f"other than the batch: {shape}")
-        profile.set_shape(tensor.name, [min_batch, *shape[1:]], [opt_batch, *shape[1:]],
-                          [max_batch, *shape[1:]])
-        shapes[tensor.name] = (opt_batch, *shape[1:])
+        profile.set_shape(tensor.name, *([batch[k], *shape[1:]] for k in ("min", "opt", "max")))
+        shapes[tensor.name] = (batch["opt"], *shape[1:])
     config.add_optimization_profile(profile)
-    cache_reused = _timing_cache(config, cache_path)
+    return config, shapes
 
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its "
-                          "messages above)")
-    engine_bytes = bytes(serialized)
-    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
+def _inspect_build(engine_bytes: bytes, shapes: dict, precision: str, source: Path) -> tuple:
+    """``(layer precision counts, inputs, outputs)`` of the built engine, inspected at
+    ``shapes``; :class:`EngineError` when an fp16 graph built no fp16 layer."""
     from .engine_file import tensorrt_runtime
 
     engine = tensorrt_runtime().deserialize_cuda_engine(engine_bytes)
     if engine is None:
-        raise EngineError(f"{onnx_path}: TensorRT built an engine it cannot deserialize")
+        raise EngineError(f"{source}: TensorRT built an engine it cannot deserialize")
     precisions = layer_precisions(inspect_engine(engine, shapes))
     if precision == "fp16" and not precisions.get("fp16"):
-        raise EngineError(f"{onnx_path}: the fp16 graph built an engine without a single fp16 "
+        raise EngineError(f"{source}: the fp16 graph built an engine without a single fp16 "
                           f"layer ({dict(precisions)}); refusing a silent fp32 engine")
     inputs, outputs = engine_io(engine)
-    metadata = EngineMetadata(
-        tensorrt_version=str(trt.__version__), gpu_name=gpu.name,
-        compute_capability=gpu.compute_capability,
-        onnx_file=os.path.relpath(onnx_path.resolve(), engine_path.parent.resolve()),
-        onnx_sha256=sha256_file(onnx_path), engine_sha256="", engine_bytes=0,
-        precision=precision, inputs=inputs, outputs=outputs,
-        batch={"min": min_batch, "opt": opt_batch, "max": max_batch},
-        layer_precisions=dict(precisions), model_info=onnx_metadata(onnx_path),
-        build_seconds=round(seconds, 3),
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_engine(engine_path, engine_bytes, metadata)
-    return EngineBuild(engine_path=engine_path, metadata=metadata, build_seconds=seconds,
-                       timing_cache_path=cache_path, timing_cache_reused=cache_reused)
-
-
-def engine_runner(engine):
-    """A parity runner (``(N, C, S, S)`` float32 and, for a landmark-guided engine,
-    ``(N, 68, 3)`` landmarks -> ``(N, D, S, S)`` float32) for an engine with one output,
-    with device buffers from PyTorch (CUDA build) or, failing that, pycuda."""
-    trt = import_tensorrt()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) not in (1, 2) or len(outputs) != 1:
-        raise EngineError(f"expected an engine with one input (two for a landmark-guided "
-                          f"model) and one output, got {inputs} and {outputs}")
-    for name in names:
-        if engine.get_tensor_dtype(name) != trt.float32:
-            raise EngineError(f"engine tensor {name!r} is {engine.get_tensor_dtype(name)}, "
-                              "expected float32")
-    context = engine.create_execution_context()
-    execute = _device_executor()
-
-    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
-        feeds = {inputs[0]: np.ascontiguousarray(image, dtype=np.float32)}
-        if len(inputs) == 2:
-            feeds[inputs[1]] = np.ascontiguousarray(landmarks, dtype=np.float32)
-        for name, array in feeds.items():
-            if not context.set_input_shape(name, array.shape):
-                raise EngineError(f"engine rejects input shape {array.shape} for {name!r} "
-                                  "(batch outside its optimization profile?)")
-        out_shape = tuple(int(d) for d in context.get_tensor_shape(outputs[0]))
-        return execute(context, feeds, outputs[0], out_shape)
-
-    return run
-
-
-def _device_executor():
-    """``execute(context, feeds {name: ndarray}, output_name, output_shape) -> ndarray``
-    using PyTorch's CUDA tensors, or pycuda (primary context) without them."""
-    try:
-        import torch
-        cuda_torch = torch.cuda.is_available()
-    except ImportError:
-        cuda_torch = False
-    if cuda_torch:
-        def execute(context, feeds, output_name, out_shape):
-            device_in = {name: torch.from_numpy(array).cuda() for name, array in feeds.items()}
-            device_out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-            for name, tensor in device_in.items():
-                context.set_tensor_address(name, tensor.data_ptr())
-            context.set_tensor_address(output_name, device_out.data_ptr())
-            stream = torch.cuda.current_stream()
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise EngineError("TensorRT execution failed (see its messages above)")
-            stream.synchronize()
-            return device_out.cpu().numpy()
-        return execute
-    try:
-        import pycuda.autoprimaryctx  # noqa: F401  (shares the primary context)
-        import pycuda.driver as cuda
-    except ImportError:
-        raise BackendUnavailableError("running an engine needs PyTorch with CUDA or pycuda "
-                                      "(`pip install 'vrn-edge[gpu]'`)") from None
-
-    def execute(context, feeds, output_name, out_shape):
-        out = np.empty(out_shape, dtype=np.float32)
-        device_out = cuda.mem_alloc(out.nbytes)
-        stream = cuda.Stream()
-        device_in = {}
-        for name, array in feeds.items():
-            device_in[name] = cuda.mem_alloc(array.nbytes)
-            cuda.memcpy_htod(device_in[name], array)
-            context.set_tensor_address(name, int(device_in[name]))
-        context.set_tensor_address(output_name, int(device_out))
-        if not context.execute_async_v3(stream.handle):
-            raise EngineError("TensorRT execution failed (see its messages above)")
-        stream.synchronize()
-        cuda.memcpy_dtoh(out, device_out)
-        return out
-    return execute
+    return precisions, inputs, outputs

@@ -1,5 +1,8 @@
 """68 facial landmarks per detected face, with 3DDFA_V2's MobileNet regressor
-(:mod:`vrn.model.landmark_net`) on the PyTorch or ONNX Runtime (CPU) backend.
+(:mod:`vrn.model.landmark_net`) on PyTorch or ONNX Runtime (CPU), or as a TensorRT engine
+(:class:`TorchLandmarkRunner`, :class:`OrtLandmarkRunner`,
+:class:`TensorRTLandmarkRunner`: the runners ``vrn-export`` checks its landmark files
+with, too).
 
 For each face box: a square crop box around it (:func:`box_to_crop_box`), the crop
 resized to 120x120 (:func:`crop_120`), one batched forward pass for all faces of the
@@ -23,10 +26,11 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ImageError
+from ..errors import BackendUnavailableError, EngineError, ImageError, UnreadableOnnxError
 from ..model.landmark_net import (INPUT_SIZE, NUM_LANDMARKS, LandmarkRegressor,
                                   default_landmark_weights, fuse_batch_norms,
                                   load_landmark_regressor)
+from .cpu import physical_cores
 from .detect import FaceBox
 
 # Crop box from a YuNet box: downward shift of the centre and side, in units of the
@@ -102,8 +106,10 @@ def crop_to_photo(points: np.ndarray, crop_boxes: np.ndarray,
     return out.astype(np.float32)
 
 
-class _TorchRunner:
-    """The regressor (batch norms folded) in PyTorch on the CPU."""
+class TorchLandmarkRunner:
+    """The regressor (batch norms folded) in PyTorch on the CPU: ``runner(batch)`` maps
+    ``(N, 3, 120, 120)`` float32 network inputs (:func:`to_network_input`) to ``(N, 68,
+    3)`` float32 landmarks in the crops' MATLAB-style frame."""
 
     def __init__(self, model: LandmarkRegressor):
         self.model = fuse_batch_norms(model)
@@ -116,31 +122,45 @@ class _TorchRunner:
         return f"PyTorch {torch.__version__} (CPU, {torch.get_num_threads()} threads)"
 
 
-class _OrtRunner:
-    """The regressor exported once to ONNX (cached) on ONNX Runtime's CPU provider."""
+class OrtLandmarkRunner:
+    """The regressor's ONNX graph (:mod:`vrn.export.landmark_onnx`) on ONNX Runtime's CPU
+    provider; called as :class:`TorchLandmarkRunner`.
 
-    def __init__(self, model: LandmarkRegressor, weights: Path, cache_dir: Path | None,
-                 threads: int | None):
-        from .backends.onnx_cache import open_cached
-        from .backends.onnxruntime_backend import default_cache_dir, physical_cores
+    Parameters
+    ----------
+    path : path
+        The graph; :class:`~vrn.errors.UnreadableOnnxError` if ONNX Runtime refuses it.
+    threads : int, optional
+        Intra-op threads (default: physical cores).
+    """
 
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailableError("landmarks on onnxruntime: the onnxruntime package "
-                                          "is not installed (pip install onnxruntime)") from None
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
         # A 0.4 ms graph: threads that spin after it only take cores from the next stage.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path, self.session = open_cached(
-            lambda: cached_landmark_onnx(model, weights, cache_dir or default_cache_dir()),
-            lambda path: (path, _ort_session(ort, path, options)))
+        self.path = Path(path)
+        self.session = _ort_session(ort, self.path, options)
         self.input_name = self.session.get_inputs()[0].name
         self.threads = options.intra_op_num_threads
         self.version = ort.__version__
+
+    @classmethod
+    def cached(cls, model: LandmarkRegressor, weights: Path, cache_dir: Path | None,
+               threads: int | None) -> "OrtLandmarkRunner":
+        """``model`` (from the file ``weights``) exported once to ONNX in ``cache_dir``
+        (default: the ONNX Runtime backend's cache folder) and opened; a cached file
+        that does not load is exported again."""
+        from .backends.onnx_cache import open_cached
+        from .backends.onnxruntime_backend import default_cache_dir
+
+        _import_onnxruntime()  # before exporting anything
+        return open_cached(
+            lambda: cached_landmark_onnx(model, weights, cache_dir or default_cache_dir()),
+            lambda path: cls(path, threads=threads))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
@@ -149,11 +169,18 @@ class _OrtRunner:
         return f"ONNX Runtime {self.version} (CPU, {self.threads} threads)"
 
 
-def _ort_session(ort, path: Path, options):
-    """A CPU session over ``path``; :class:`UnreadableOnnxError` if ONNX Runtime refuses
-    the file (so that a corrupt cache file is exported again)."""
-    from .backends.onnx_cache import UnreadableOnnxError
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("landmarks on onnxruntime: the onnxruntime package "
+                                      "is not installed (pip install onnxruntime)") from None
+    return onnxruntime
 
+
+def _ort_session(ort, path: Path, options):
+    """A CPU session over ``path``; :class:`~vrn.errors.UnreadableOnnxError` if ONNX
+    Runtime refuses the file (so that a corrupt cache file is exported again)."""
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -161,20 +188,27 @@ def _ort_session(ort, path: Path, options):
                                   f"({exc})") from None
 
 
-class _TensorRTRunner:
-    """A landmark engine built by ``vrn-export`` (``landmarks.engine``, fp32), run with
-    device buffers from PyTorch (CUDA build) or pycuda. Unverified here: needs a GPU."""
+class TensorRTLandmarkRunner:
+    """A landmark engine built by ``vrn-export`` (``landmarks.engine``, fp32), run by
+    :class:`~vrn.runtime.backends.tensorrt_backend.TensorRTEngine` (the VRN backend's
+    engine runner and buffers); called as :class:`TorchLandmarkRunner`. The CPU-only
+    tests run it on a stand-in TensorRT; a real engine needs a GPU."""
 
-    def __init__(self, engine_path: str | os.PathLike):
-        from ..export.engine_file import load_engine
-        from ..export.tensorrt_build import engine_runner
+    def __init__(self, engine_path: str | os.PathLike, *, device_id: int = 0):
+        from .backends.tensorrt_backend import TensorRTEngine
 
-        self.path = Path(engine_path)
-        engine, self.metadata = load_engine(self.path)
-        self._run = engine_runner(engine)
+        self.engine = TensorRTEngine(engine_path, device_id=device_id)
+        self.path, self.metadata = self.engine.path, self.engine.metadata
+        in_shape = self.engine.input_shapes[self.engine.input_names[0]]
+        if in_shape[1:] != (3, INPUT_SIZE, INPUT_SIZE) or \
+                self.engine.output_shape[1:] != (NUM_LANDMARKS, 3):
+            raise EngineError(f"{self.path}: tensor shapes {in_shape} -> "
+                              f"{self.engine.output_shape} are not (N, 3, {INPUT_SIZE}, "
+                              f"{INPUT_SIZE}) -> (N, {NUM_LANDMARKS}, 3)")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        output = self.engine.run([np.ascontiguousarray(batch, dtype=np.float32)])
+        return self.engine.buffers.to_host(output)
 
     def describe(self) -> str:
         return f"TensorRT ({self.path.name}, {self.metadata.gpu_name})"
@@ -229,12 +263,12 @@ class LandmarkStage:
             if engine is None:
                 raise ValueError("the tensorrt landmark backend needs engine= "
                                  "(landmarks.engine from vrn-export)")
-            self._run = _TensorRTRunner(engine)
+            self._run = TensorRTLandmarkRunner(engine)
         elif backend == "torch":
-            self._run = _TorchRunner(model)
+            self._run = TorchLandmarkRunner(model)
         elif backend == "onnxruntime":
-            self._run = _OrtRunner(model, weights, Path(cache_dir) if cache_dir else None,
-                                   threads)
+            self._run = OrtLandmarkRunner.cached(model, weights,
+                                                 Path(cache_dir) if cache_dir else None, threads)
         else:
             raise ValueError(f"unknown landmark backend {backend!r}; "
                              "use 'torch', 'onnxruntime' or 'tensorrt'")

@@ -113,6 +113,7 @@ class Reconstructor:
         self.level = level
         self.z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
         self.on_gpu = getattr(backend, "device", "cpu") == "cuda"
+        self._upload = _Uploader(getattr(backend, "device_id", None) or 0)
 
     def __call__(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None,
                  landmarks: np.ndarray | None = None) -> FrameResult:
@@ -141,7 +142,7 @@ class Reconstructor:
                                                              self.backend.input_size)
             batch = to_network_input(crops)
             if self.on_gpu:
-                batch = _upload(batch, self.backend)
+                batch = self._upload(batch)
         with timer("infer", sync):
             volumes = self.backend.infer(batch, crop_landmarks)
         with timer("isosurface", sync):
@@ -250,19 +251,44 @@ def _synchronize_device() -> None:
     cuda.synchronize()
 
 
-def _upload(batch: np.ndarray, backend):
-    """The crops as a CUDA array of the kind ``backend`` works with: a torch CUDA tensor
-    when torch has CUDA, else a numba-cuda device array."""
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is not None and torch.cuda.is_available():
-        device = torch.device("cuda", getattr(backend, "device_id", None) or 0)
-        return torch.from_numpy(batch).pin_memory().to(device, non_blocking=True)
-    from numba import cuda
+class _Uploader:
+    """The crops to the GPU as the kind of CUDA array the backends work with: a torch
+    CUDA tensor when torch has CUDA, else a numba-cuda device array.
 
-    return cuda.to_device(batch)
+    With torch, each batch goes through one page-locked host buffer, kept from frame
+    to frame and grown when a frame needs more, so that the asynchronous copy needs no
+    new pinned allocation per frame. Before the buffer is written again, the previous
+    frame's copy out of it is waited for (an event recorded after that copy).
+    """
+
+    def __init__(self, device_id: int = 0):
+        self.device_id = device_id
+        self._host = None  # flat pinned torch tensor
+        self._copied = None  # torch.cuda.Event after the last copy out of _host
+
+    def __call__(self, batch: np.ndarray):
+        """``batch`` (any shape, float32) on the current CUDA device's current stream."""
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is None or not torch.cuda.is_available():
+            from numba import cuda
+
+            return cuda.to_device(batch)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last copy has read the buffer
+        source = torch.from_numpy(np.ascontiguousarray(batch))
+        if self._host is None or self._host.dtype != source.dtype \
+                or self._host.numel() < source.numel():
+            self._host = torch.empty(source.numel(), dtype=source.dtype, pin_memory=True)
+        staged = self._host[:source.numel()].view(source.shape)
+        staged.copy_(source)
+        device = torch.device("cuda", self.device_id)
+        out = staged.to(device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(device))
+        return out
 
 
 def reconstruct(image, weights: str | os.PathLike | None = None, *, all_faces: bool = False,

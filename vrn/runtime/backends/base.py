@@ -55,3 +55,17 @@ def checked_landmarks(landmarks, batch_size: int) -> np.ndarray:
     if not np.isfinite(landmarks).all():
         raise ValueError("landmarks must be finite")
     return landmarks
+
+
+def info_from_metadata(metadata: dict):
+    """The :class:`~vrn.model.ModelInfo` that ``metadata`` (an ONNX file's
+    ``metadata_props``, or an engine sidecar's copy of them: a ``{str: str}`` dict)
+    describes; ``None`` when it describes none or an invalid one."""
+    from ...model import ModelInfo
+
+    if "architecture" not in metadata or "config" not in metadata:
+        return None
+    try:
+        return ModelInfo.from_metadata(metadata)
+    except (KeyError, ValueError, TypeError):
+        return None

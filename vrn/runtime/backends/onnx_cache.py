@@ -10,7 +10,7 @@ landmark regressor). Their index is ``<cache>/onnx-index.json``, beside that fol
 keyed by file name. :func:`cached_file` checks a file against its entry before it is
 used; a file without an entry (or with an unreadable index) or whose size or SHA-256
 differs is exported again. :func:`open_cached` also re-exports a file that ONNX Runtime
-refuses to load (:class:`UnreadableOnnxError`). Either way one line goes to stderr::
+refuses to load (:class:`~vrn.errors.UnreadableOnnxError`). Either way one line goes to stderr::
 
     vrn: cached ONNX file <path> is corrupt (checksum mismatch); re-exported
 
@@ -32,21 +32,13 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from ...atomic import atomic_path, write_text_atomic
-from ...errors import VRNError
+from ...errors import UnreadableOnnxError
 
 INDEX_FORMAT = "vrn-onnx-cache/1"
 INDEX_SUFFIX = "-index.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 T = TypeVar("T")
-
-
-class UnreadableOnnxError(VRNError):
-    """An ONNX file that onnx or ONNX Runtime refuses to load; ``reason`` says which."""
-
-    def __init__(self, message: str, reason: str = "ONNX Runtime cannot load it"):
-        super().__init__(message)
-        self.reason = reason
 
 
 def index_path(path: str | os.PathLike) -> Path:
@@ -165,9 +157,9 @@ def cached_file(path: str | os.PathLike, produce: Callable[[Path], object]) -> P
 
 
 def open_cached(export: Callable[[], Path], open_file: Callable[[Path], T]) -> T:
-    """``open_file(export())``; when that raises :class:`UnreadableOnnxError` (the file
-    passed its checksum but does not load), the file is discarded, exported again,
-    reported, and opened once more."""
+    """``open_file(export())``; when that raises
+    :class:`~vrn.errors.UnreadableOnnxError` (the file passed its checksum but does not
+    load), the file is discarded, exported again, reported, and opened once more."""
     path = export()
     try:
         return open_file(path)

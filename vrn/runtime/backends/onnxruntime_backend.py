@@ -7,10 +7,12 @@ session we read ``session.get_providers()`` and raise
 :class:`~vrn.errors.BackendUnavailableError` when the provider asked for is not the one
 that loaded. :meth:`OnnxRuntimeBackend.describe` names the provider actually in use.
 
-On the GPU, inputs and outputs are bound to CUDA memory (IO binding, with torch CUDA
-tensors or numba-cuda device arrays as the buffers) so the volume stays on the device.
-On the CPU the session uses one intra-op thread per physical core and every graph
-optimisation.
+On the GPU, inputs and outputs are bound to CUDA memory (IO binding) so the volume stays
+on the device. The buffers come from the one provider the TensorRT backend uses too
+(:func:`~.cuda_arrays.device_buffers`: torch CUDA tensors, else numba-cuda device
+arrays), whose stream ONNX Runtime computes on; the binding, the input buffer and the
+output buffer of host results are made once per batch size and reused. On the CPU the
+session uses one intra-op thread per physical core and every graph optimisation.
 
 A backend is made from an ``.onnx`` file, or from weights with :meth:`from_weights`,
 which exports the model once into a cache folder (keyed by a hash of the weights) with
@@ -27,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import BackendUnavailableError, VRNError
-from .base import checked_landmarks
-from .cuda_arrays import device_pointer, torch_cuda
-from .onnx_cache import UnreadableOnnxError, cached_file, open_cached
+from ...errors import BackendUnavailableError, UnreadableOnnxError, VRNError
+from ..cpu import physical_cores
+from .base import checked_landmarks, info_from_metadata
+from .cuda_arrays import device_buffers
+from .onnx_cache import cached_file, open_cached
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
@@ -44,27 +47,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vrn-edge"
-
-
-def physical_cores() -> int:
-    """Physical CPU cores this process may run on (hyper-threads not counted)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    cores = None
-    try:
-        pairs, physical_id = set(), "0"
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    physical_id = value.strip()
-                elif key == "core id":
-                    pairs.add((physical_id, value.strip()))
-        cores = len(pairs) or None
-    except OSError:
-        pass
-    cores = cores or os.cpu_count() or 1
-    return max(1, min(cores, allowed) if allowed else cores)
 
 
 class OnnxRuntimeBackend:
@@ -116,7 +98,8 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self._stream = None
+        self._buffers = None  # GPU providers: device_buffers(device_id)
+        self._bound: dict[int, _Bound] = {}  # per batch size
         graph = _GraphFacts(path)
         providers = self._provider_list(provider, device_id, cache_dir, fp16, graph)
         try:
@@ -159,14 +142,12 @@ class OnnxRuntimeBackend:
     def _provider_list(self, provider, device_id, cache_dir, fp16, graph) -> list:
         if provider == "cpu":
             return ["CPUExecutionProvider"]
-        cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
-        torch = torch_cuda()
-        if torch is not None:
-            # ORT treats stream 0 as "none": give it a stream of its own that torch
-            # also knows, so the bound tensors are ordered with it.
-            self._stream = torch.cuda.Stream(device=device_id)
-            cuda.update(has_user_compute_stream="1",
-                        user_compute_stream=str(self._stream.cuda_stream))
+        # ORT treats stream 0 as "none": it computes on the buffer provider's stream, so
+        # the bound buffers are ordered with it.
+        self._buffers = device_buffers(device_id)
+        stream = {"has_user_compute_stream": "1",
+                  "user_compute_stream": str(self._buffers.stream_handle)}
+        cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE", **stream}
         providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         if provider == "tensorrt":
             cache = (Path(cache_dir) if cache_dir else default_cache_dir()) / "ort-tensorrt"
@@ -185,9 +166,7 @@ class OnnxRuntimeBackend:
                         dims.append(f"{graph.landmarks_name}:{batch}x68x3")
                     profiles[f"trt_profile_{key}_shapes"] = ",".join(dims)
                 trt.update(profiles)
-            if self._stream is not None:
-                trt.update(has_user_compute_stream="1",
-                           user_compute_stream=str(self._stream.cuda_stream))
+            trt.update(stream)
             providers.insert(0, ("TensorrtExecutionProvider", trt))
         return providers
 
@@ -227,46 +206,29 @@ class OnnxRuntimeBackend:
         return self._infer_bound(batch, landmarks, on_device)
 
     def _infer_bound(self, batch, landmarks, on_device: bool):
-        """GPU providers: IO binding on CUDA memory, torch tensors as the buffers when
-        torch has CUDA, else numba-cuda device arrays."""
-        binding = self.session.io_binding()
-        torch = torch_cuda()
+        """GPU providers: IO binding on CUDA memory from the buffer provider. A host
+        batch is copied into the batch size's input buffer, a CUDA batch is bound where
+        it is; a host result comes from the batch size's output buffer, a device result
+        is a new array (the caller keeps it past the next call)."""
+        buffers = self._buffers
+        n = int(batch.shape[0])
+        bound = self._bound.get(n)
+        if bound is None:
+            bound = self._bound[n] = self._new_binding(n)
         if landmarks is not None:
             # Host memory: ORT copies these 544 bytes per image itself.
-            binding.bind_cpu_input(self.landmarks_name, landmarks)
-        if torch is None:
-            return self._infer_bound_numba(binding, batch, on_device)
-        device = torch.device("cuda", self.device_id)
-        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
-        x = x.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-        y = torch.empty((x.shape[0], self.out_depth, self.input_size, self.input_size),
-                        dtype=torch.float32, device=device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        self._bind(binding, x.data_ptr(), tuple(x.shape), y.data_ptr(), tuple(y.shape))
-        self.session.run_with_iobinding(binding)  # returns once the stream is done
-        torch.cuda.current_stream(device).wait_stream(self._stream)
-        return y if on_device else y.cpu().numpy()
+            bound.binding.bind_cpu_input(self.landmarks_name, landmarks)
+        x = buffers.upload(batch, out=bound.input)
+        y = buffers.empty(bound.output.shape) if on_device else bound.output
+        bound.bind(self.input_name, x, buffers.pointer(x), self.device_id, output=False)
+        bound.bind(self.output_name, y, buffers.pointer(y), self.device_id, output=True)
+        self.session.run_with_iobinding(bound.binding)  # returns once the stream is done
+        return buffers.hand_over(y) if on_device else buffers.to_host(y)
 
-    def _infer_bound_numba(self, binding, batch, on_device: bool):
-        from numba import cuda
-
-        if cuda.is_cuda_array(batch):
-            x = cuda.as_cuda_array(batch)
-            if x.dtype != np.float32 or not x.is_c_contiguous():
-                raise ValueError("onnxruntime backend: a CUDA batch must be C-contiguous "
-                                 "float32")
-        else:
-            x = cuda.to_device(np.ascontiguousarray(batch, dtype=np.float32))
-        y = cuda.device_array((x.shape[0], self.out_depth, self.input_size, self.input_size),
-                              dtype=np.float32)
-        self._bind(binding, device_pointer(x), tuple(x.shape), device_pointer(y), tuple(y.shape))
-        self.session.run_with_iobinding(binding)  # synchronises its stream at the end
-        return y if on_device else y.copy_to_host()
-
-    def _bind(self, binding, x_ptr: int, x_shape, y_ptr: int, y_shape) -> None:
-        binding.bind_input(self.input_name, "cuda", self.device_id, np.float32, x_shape, x_ptr)
-        binding.bind_output(self.output_name, "cuda", self.device_id, np.float32, y_shape,
-                            y_ptr)
+    def _new_binding(self, n: int) -> "_Bound":
+        s = self.input_size
+        return _Bound(self.session.io_binding(), self._buffers.empty((n, 3, s, s)),
+                      self._buffers.empty((n, self.out_depth, s, s)))
 
     def synchronize(self) -> None:
         """Run blocks until its outputs are ready; nothing is left to wait for."""
@@ -356,6 +318,26 @@ def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
                        lambda tmp: export_fp16(path, tmp))
 
 
+class _Bound:
+    """One batch size's IO binding and its reused buffers: ``input`` ``(N, 3, S, S)`` and
+    ``output`` ``(N, D, S, S)`` float32 device arrays."""
+
+    def __init__(self, binding, input_buffer, output_buffer):
+        self.binding = binding
+        self.input = input_buffer
+        self.output = output_buffer
+        self._addresses: dict[str, int] = {}  # what each name is bound to now
+
+    def bind(self, name: str, array, address: int, device_id: int, *, output: bool) -> None:
+        """Bind ``name`` to the float32 device array ``array`` at ``address`` (a no-op
+        when it is bound there already)."""
+        if self._addresses.get(name) == address:
+            return
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, "cuda", device_id, np.float32, tuple(int(d) for d in array.shape), address)
+        self._addresses[name] = address
+
+
 class _GraphFacts:
     """What the session set-up needs from the file, read once without the weights'
     external data: input name and size, whether the batch is dynamic, whether the graph
@@ -383,11 +365,4 @@ class _GraphFacts:
 
     def model_info(self):
         """The :class:`~vrn.model.ModelInfo` stored in the metadata, if any."""
-        from ...model import ModelInfo
-
-        if "architecture" not in self.metadata or "config" not in self.metadata:
-            return None
-        try:
-            return ModelInfo.from_metadata(self.metadata)
-        except (KeyError, ValueError, TypeError):
-            return None
+        return info_from_metadata(self.metadata)

@@ -2,6 +2,12 @@
 engine, each step checked, timed and reported the same way, then ``export.json`` and a
 summary of the files written and how to use them.
 
+The artifacts are written by :mod:`vrn.export`; their parity checks (:mod:`.parity`)
+run them through the runtime's own backends and landmark runners, the code that
+``vrn-live`` and ``vrn-reconstruct`` run, so this module sits above both. The ONNX
+files are one table (:data:`GRAPH_TARGETS`) published by one helper (write, check,
+rename into place).
+
 Every file is written atomically, and each is published under its final name only
 after its checks passed (graph checks, then parity), so an interrupted or failed export
 never leaves a half-written or unverified file behind; ``export.json`` comes last.
@@ -16,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import platform
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TextIO
@@ -30,28 +38,49 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path, write_text_atomic
-from ..errors import BackendUnavailableError, VRNError
+from ..errors import BackendUnavailableError, ExportError, UnreadableOnnxError, VRNError
+from ..export.engine_file import current_gpu, sha256_file, sidecar_path
+from ..export.onnx_export import (BATCH_DIM, DEFAULT_MAX_BATCH, DEFAULT_OPSET, export_onnx,
+                                  graph_io)
 from ..model import BN_MODES, GUIDED_ARCHITECTURES, count_parameters, load_model, set_bn_mode
 from ..model.checkpoint import model_info
-from .engine_file import current_gpu, sha256_file, sidecar_path
-from .onnx_export import BATCH_DIM, DEFAULT_MAX_BATCH, DEFAULT_OPSET, export_onnx, graph_io
-from .parity import (ParityReport, check_parity, format_table, onnxruntime_runner,
-                     parity_inputs, torch_runner)
+from ..runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.backends.torch_backend import TorchBackend
+from .parity import (LANDMARKS_MAX_ABS_PX, CachedRunner, ParityReport, check_parity,
+                     format_table, landmark_difference, parity_inputs)
+
+__all__ = ["ENGINE_MODES", "ExportError", "Exporter", "GRAPH_TARGETS"]
 
 ONNX_NAME = "vrn.onnx"
 FP16_NAME = "vrn.fp16.onnx"
 LANDMARKS_ONNX_NAME = "landmarks.onnx"
-LANDMARKS_MAX_ABS_PX = 1e-2  # landmark parity: largest difference, 120-pixel crop frame
 REPORT_NAME = "export.json"
 REPORT_FORMAT = "vrn-export/1"
 ENGINE_MODES = ("auto", "yes", "no")
 
 
+@dataclass(frozen=True)
+class GraphTarget:
+    """One ONNX file of the export: its name, the step that writes it (and
+    ``"<step> parity"``, the one that checks it), its parity check's name and precision,
+    and whether the export fails with it (else it is one failed target among others)."""
+
+    file: str
+    step: str
+    check: str
+    precision: str
+    required: bool
+    slow: bool  # show a spinner while it is written
+
+
+GRAPH_TARGETS = {
+    "fp32": GraphTarget(ONNX_NAME, "ONNX", "ONNX fp32 vs PyTorch", "fp32", required=True,
+                        slow=True),
+    "fp16": GraphTarget(FP16_NAME, "fp16", "ONNX fp16 vs PyTorch", "fp16", required=False,
+                        slow=False),
+}
+
 _FAILED = object()  # what Exporter._attempt returns for a failed target
-
-
-class ExportError(VRNError):
-    """An export step failed its checks (parity, graph checks) or cannot run."""
 
 
 class Exporter:
@@ -135,53 +164,56 @@ class Exporter:
         self._prepare_outdir()
         model = self._step("weights", lambda: self._load(weights))
         info = model_info(model)
-        inputs = None
+        inputs = reference = None
         if self.verify:
             channels = 3 if info.architecture == "VRNGuided" else model.config.in_channels
             inputs = parity_inputs(channels, model.config.input_size,
                                    random_count=self.random_inputs, faces=self.face_crops,
                                    guided=info.architecture in GUIDED_ARCHITECTURES)
-            reference = _cached(torch_runner(model))
-        fp32_path = self.outdir / ONNX_NAME
+            reference = CachedRunner(TorchBackend(model, device="cpu", precision="fp32"))
         metadata = {**info.to_metadata(), "max_batch": self.max_batch}
-        with atomic_path(fp32_path) as tmp:
-            graph = self._step("ONNX", lambda: self._export_onnx(model, tmp, metadata),
-                               slow=True)
-            if self.verify:
-                self._step("ONNX parity", lambda: self._verify(
-                    "ONNX fp32 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
-                    "fp32", trained=info.trained), slow=True)
-        self.files.append(fp32_path)
-        target = fp32_path
-        if self.fp16:
-            fp16_path = self.outdir / FP16_NAME
-            target = self._attempt(FP16_NAME, lambda: self._fp16_target(
-                fp32_path, fp16_path, reference, inputs, trained=info.trained))
-        if target is _FAILED:
+        writers = {"fp32": lambda tmp: self._export_onnx(model, tmp, metadata),
+                   "fp16": lambda tmp: self._export_fp16(self.outdir / ONNX_NAME, tmp)}
+        written, target, missing = {}, None, None
+        for key in ("fp32", "fp16") if self.fp16 else ("fp32",):
+            spec = GRAPH_TARGETS[key]
+            publish = functools.partial(self._publish_graph, spec, writers[key], reference,
+                                        inputs, trained=info.trained)
+            outcome = publish() if spec.required else self._attempt(spec.file, publish)
+            if outcome is _FAILED:
+                missing = spec.file  # the engine is built from the last graph
+                break
+            target, written[key] = outcome
+        if missing is not None:
             if self.engine != "no":
-                self._skipped("TensorRT", f"needs {FP16_NAME}, which failed")
+                self._skipped("TensorRT", f"needs {missing}, which failed")
             engine_meta = None
         else:
             engine_meta = self._attempt("TensorRT", lambda: self._engine_steps(
                 target, inputs, trained=info.trained))
         built_engine = engine_meta is not None and engine_meta is not _FAILED
         self._landmark_steps(built_engine)
-        report = self._report(start, model=model, weights=weights, graph=graph,
-                              engine=engine_meta if built_engine else None)
+        report = self._new_report(engine_meta if built_engine else None)
+        report.update(self._model_report(model, weights, written["fp32"]))
+        self._write_report(report, start)
         self._summary(report)
         self._raise_if_strict()
         return report
 
-    def _fp16_target(self, fp32_path: Path, fp16_path: Path, reference, inputs, *,
-                     trained: bool) -> Path:
-        with atomic_path(fp16_path) as tmp:
-            self._step("fp16", lambda: self._export_fp16(fp32_path, tmp))
+    def _publish_graph(self, spec: GraphTarget, write: Callable, reference, inputs, *,
+                       trained: bool) -> tuple[Path, object]:
+        """Write one ONNX file (``write(tmp) -> (result, message)``), check it against
+        ``reference`` on the ONNX Runtime backend, and only then rename it into place;
+        ``(path, result)``."""
+        path = self.outdir / spec.file
+        with atomic_path(path) as tmp:
+            result = self._step(spec.step, lambda: write(tmp), slow=spec.slow)
             if self.verify:
-                self._step("fp16 parity", lambda: self._verify(
-                    "ONNX fp16 vs PyTorch", reference, onnxruntime_runner(tmp), inputs,
-                    "fp16", trained=trained), slow=True)
-        self.files.append(fp16_path)
-        return fp16_path
+                self._step(f"{spec.step} parity", lambda: self._verify(
+                    spec.check, reference, OnnxRuntimeBackend(tmp, provider="cpu"), inputs,
+                    spec.precision, trained=trained), slow=True)
+        self.files.append(path)
+        return path, result
 
     def export_from_onnx(self, onnx_path) -> dict:
         """Build (and check) the TensorRT engine for ``onnx_path`` on this machine and
@@ -201,8 +233,17 @@ class Exporter:
                                    guided=len(meta["inputs"]) == 2)
         trained = meta["metadata"].get("trained", "true") != "false"
         engine_meta = self._engine_steps(onnx_path, inputs, trained=trained)
-        report = self._report(start, onnx_path=onnx_path, engine=engine_meta,
-                              onnx_meta=meta)
+        new = self._new_report(engine_meta)
+        onnx_sha = sha256_file(onnx_path)
+        old = self._export_report_of(onnx_path, onnx_sha)
+        if old is None:
+            new.update({"source": {"onnx": str(onnx_path), "onnx_sha256": onnx_sha},
+                        "model": meta["metadata"], "inputs": meta["inputs"],
+                        "outputs": meta["outputs"], "files": self._file_entries()})
+            report = self._write_report(new, start)
+        else:
+            report = self._write_report(merge_engine_build(old, new, self._file_entries()),
+                                        start, merged=True)
         self._summary(report)
         return report
 
@@ -246,7 +287,7 @@ class Exporter:
                        f"{_size(path)}")
 
     def _export_fp16(self, src: Path, dst: Path):
-        from .fp16 import export_fp16
+        from ..export.fp16 import export_fp16
 
         summary = export_fp16(src, dst)
         kept = ", ".join(f"{n} {op}" for op, n in sorted(summary.fp32_ops.items()))
@@ -259,8 +300,9 @@ class Exporter:
         try:
             proto = onnx.load(str(path))
         except Exception as exc:  # protobuf decode errors share no base class
-            raise ExportError(f"{path}: not a readable ONNX file ({exc})") from None
-        from .fp16 import graph_precision
+            raise UnreadableOnnxError(f"{path}: not a readable ONNX file ({exc})",
+                                      reason="onnx cannot parse it") from None
+        from ..export.fp16 import graph_precision
 
         inputs, outputs = graph_io(proto)
         if len(inputs) not in (1, 2) or len(outputs) != 1 or len(inputs[0]["shape"]) != 4 \
@@ -323,9 +365,11 @@ class Exporter:
     def _landmark_steps(self, engine: bool) -> None:
         """The landmark stage's graph (``landmarks.onnx``) next to the VRN's, checked
         against PyTorch; with ``engine``, its fp32 TensorRT engine too, checked against
-        ONNX Runtime."""
+        ONNX Runtime. The checks run the landmark stage's own runners."""
+        from ..export.landmark_onnx import export_landmark_onnx
         from ..model.landmark_net import load_landmark_regressor
-        from .landmark_onnx import export_landmark_onnx
+        from ..runtime.landmarks import (OrtLandmarkRunner, TensorRTLandmarkRunner,
+                                         TorchLandmarkRunner)
 
         model = load_landmark_regressor()
         path = self.outdir / LANDMARKS_ONNX_NAME
@@ -337,10 +381,9 @@ class Exporter:
                 export_landmark_onnx(model, tmp, opset=self.opset)
                 message = f"batch 1..n, {_size(tmp)}"
                 if self.verify:
-                    with torch.no_grad():
-                        ref = model(torch.from_numpy(crops)).numpy()
-                    got = onnxruntime_runner(tmp)(crops)
-                    message += ", " + _landmark_parity("ONNX vs PyTorch", ref, got)
+                    message += ", " + _landmark_parity(
+                        "ONNX vs PyTorch", TorchLandmarkRunner(model), OrtLandmarkRunner(tmp),
+                        crops)
             self.files.append(path)
             return path, message
 
@@ -353,28 +396,14 @@ class Exporter:
             return
 
         def build():
-            from .engine_file import tensorrt_runtime
-            from .tensorrt_build import build_engine, engine_runner
-
             engine_path = path.with_suffix(".engine")
-            with atomic_path(engine_path) as tmp:
-                try:
-                    built = build_engine(path, tmp, max_batch=self.max_batch,
-                                         workspace_gb=self.workspace_gb, precision="fp32",
-                                         timing_cache=self.outdir / "timing.cache")
-                    message = (f"{engine_path.name}: built in {built.build_seconds:.1f} s, "
-                               f"{_size(tmp)}")
-                    if self.verify:
-                        trt_engine = tensorrt_runtime().deserialize_cuda_engine(
-                            tmp.read_bytes())
-                        message += ", " + _landmark_parity(
-                            "TensorRT vs ONNX Runtime", onnxruntime_runner(path)(crops),
-                            engine_runner(trt_engine)(crops))
-                finally:
-                    sidecar_path(tmp).unlink(missing_ok=True)
-            write_text_atomic(sidecar_path(engine_path), built.metadata.to_json())
+            built, parity = self._publish_engine(
+                path, engine_path, "fp32", lambda tmp: _landmark_parity(
+                    "TensorRT vs ONNX Runtime", OrtLandmarkRunner(path),
+                    TensorRTLandmarkRunner(tmp), crops))
             self.files += [engine_path, sidecar_path(engine_path)]
-            return engine_path, message
+            return engine_path, (f"{engine_path.name}: built in {built.build_seconds:.1f} s, "
+                                 f"{_size(engine_path)}" + (f", {parity}" if parity else ""))
 
         self._attempt("landmarks TRT", lambda: self._step("landmarks TRT", build, slow=True))
 
@@ -384,7 +413,7 @@ class Exporter:
         if self.engine == "no":
             self.notes.append("TensorRT: skipped (--engine no)")
             return None
-        from .tensorrt_lib import import_tensorrt
+        from ..export.tensorrt_lib import import_tensorrt
 
         try:
             import_tensorrt()
@@ -404,28 +433,19 @@ class Exporter:
             onnx_path, engine_path, inputs, trained=trained), slow=True)
 
     def _build_and_verify(self, onnx_path: Path, engine_path: Path, inputs, *, trained):
+        """The VRN's engine, checked on the TensorRT backend against the ONNX Runtime
+        backend."""
         import onnx
 
-        from .engine_file import tensorrt_runtime
-        from .fp16 import graph_precision
-        from .tensorrt_build import build_engine, engine_runner
+        from ..export.fp16 import graph_precision
+        from ..runtime.backends.tensorrt_backend import TensorRTBackend
 
         precision = graph_precision(onnx.load(str(onnx_path)))
-        parity = ""
-        with atomic_path(engine_path) as tmp:
-            try:
-                build = build_engine(onnx_path, tmp, max_batch=self.max_batch,
-                                     workspace_gb=self.workspace_gb, precision=precision,
-                                     timing_cache=self.outdir / "timing.cache")
-                if self.verify:
-                    engine = tensorrt_runtime().deserialize_cuda_engine(tmp.read_bytes())
-                    _, parity = self._verify(f"TensorRT {precision} vs ONNX Runtime",
-                                             _cached(onnxruntime_runner(onnx_path)),
-                                             engine_runner(engine), inputs, precision,
-                                             trained=trained)
-            finally:
-                sidecar_path(tmp).unlink(missing_ok=True)
-        write_text_atomic(sidecar_path(engine_path), build.metadata.to_json())
+        build, parity = self._publish_engine(
+            onnx_path, engine_path, precision, lambda tmp: self._verify(
+                f"TensorRT {precision} vs ONNX Runtime",
+                OnnxRuntimeBackend(onnx_path, provider="cpu"), TensorRTBackend(tmp), inputs,
+                precision, trained=trained)[1])
         self.files += [engine_path, sidecar_path(engine_path), build.timing_cache_path]
         layers = ", ".join(f"{n} {k}" for k, n in sorted(build.metadata.layer_precisions.items()))
         cache = "reused" if build.timing_cache_reused else "new"
@@ -434,6 +454,26 @@ class Exporter:
                                 f"{build.build_seconds:.1f} s, layers {layers}, timing cache "
                                 f"{cache}, {_size(engine_path)}"
                                 + (f"\nparity: {parity}" if parity else ""))
+
+    def _publish_engine(self, onnx_path: Path, engine_path: Path, precision: str,
+                        check: Callable[[Path], str]):
+        """Build ``engine_path`` from ``onnx_path`` into a temporary file, run
+        ``check(tmp) -> message`` on it (when verifying), and only then rename it into
+        place with its sidecar; ``(EngineBuild, message)``."""
+        from ..export.tensorrt_build import build_engine
+
+        message = ""
+        with atomic_path(engine_path) as tmp:
+            try:
+                build = build_engine(onnx_path, tmp, max_batch=self.max_batch,
+                                     workspace_gb=self.workspace_gb, precision=precision,
+                                     timing_cache=self.outdir / "timing.cache")
+                if self.verify:
+                    message = check(tmp)
+            finally:
+                sidecar_path(tmp).unlink(missing_ok=True)
+        write_text_atomic(sidecar_path(engine_path), build.metadata.to_json())
+        return build, message
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -457,14 +497,12 @@ class Exporter:
             print("\n".join(f"    {line}" for line in details.splitlines()), file=self.out)
         return result
 
-    def _report(self, start: float, *, engine, model=None, weights=None, graph=None,
-                onnx_path=None, onnx_meta=None) -> dict:
-        """Write ``export.json`` (atomically, last) and return it. An engine built with
-        ``--from-onnx`` next to the export that made its ONNX file is added to that
-        export's report rather than replacing it."""
-        files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                 for path in self.files if path.is_file()}
-        new = {
+    def _new_report(self, engine) -> dict:
+        """The ``export.json`` fields every run writes: format, time, versions, GPU,
+        options, steps, parity figures, ``engine`` (an
+        :class:`~vrn.export.engine_file.EngineMetadata`, or ``None``), failed targets and
+        notes."""
+        return {
             "format": REPORT_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
@@ -475,46 +513,39 @@ class Exporter:
             "batch": {"min": 1, "max": self.max_batch},
             "steps": self.steps,
             "parity": {name: rep.to_dict() for name, rep in self.parity.items()},
-            "engine": _engine_summary(engine),
+            "engine": None if engine is None else asdict(engine),
             "failed": self.failed,
             "notes": self.notes,
         }
-        if model is not None:
-            info = model_info(model)
-            inputs, outputs = graph_io_shapes(graph)
-            new.update({
-                "source": {"weights": None if weights is None or isinstance(
-                    weights, torch.nn.Module) else str(weights)},
-                "model": {"architecture": info.architecture, "config": info.config.to_dict(),
-                          "landmark_config": (info.landmark_config.to_dict()
-                                              if info.landmark_config else None),
-                          "parameters": count_parameters(model), "trained": info.trained,
-                          "provenance": info.provenance, "color_order": info.color_order,
-                          "input_range": info.input_range, "z_scale": info.z_scale},
-                "bn_mode": graph.bn_mode, "opset": graph.opset, "op_counts": graph.op_counts,
-                "inputs": inputs, "outputs": outputs, "files": files,
-            })
-            report = new
-        else:
-            onnx_sha = sha256_file(onnx_path)
-            report = self._export_report_of(onnx_path, onnx_sha)
-            if report is None:
-                new.update({"source": {"onnx": str(onnx_path), "onnx_sha256": onnx_sha},
-                            "model": onnx_meta["metadata"], "inputs": onnx_meta["inputs"],
-                            "outputs": onnx_meta["outputs"], "files": files})
-                report = new
-            else:
-                report["engine_build"] = {k: new[k] for k in ("created", "versions", "gpu",
-                                                              "options", "batch", "steps")}
-                report["engine"] = new["engine"]
-                report["parity"] = {**report.get("parity", {}), **new["parity"]}
-                report["notes"] = [*report.get("notes", []), *self.notes]
-                report["files"] = {**report.get("files", {}), **files}
+
+    def _model_report(self, model, weights, graph) -> dict:
+        """The fields of an export from weights: source, model description, the fp32
+        graph's batch-norm mode, opset, op counts and interface, and the files."""
+        info = model_info(model)
+        inputs, outputs = graph_io_shapes(graph)
+        return {
+            "source": {"weights": None if weights is None or isinstance(
+                weights, torch.nn.Module) else str(weights)},
+            "model": {"architecture": info.architecture, "config": info.config.to_dict(),
+                      "landmark_config": (info.landmark_config.to_dict()
+                                          if info.landmark_config else None),
+                      "parameters": count_parameters(model), "trained": info.trained,
+                      "provenance": info.provenance, "color_order": info.color_order,
+                      "input_range": info.input_range, "z_scale": info.z_scale},
+            "bn_mode": graph.bn_mode, "opset": graph.opset, "op_counts": graph.op_counts,
+            "inputs": inputs, "outputs": outputs, "files": self._file_entries(),
+        }
+
+    def _file_entries(self) -> dict:
+        """``{name: {"bytes", "sha256"}}`` of the files written so far."""
+        return {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                for path in self.files if path.is_file()}
+
+    def _write_report(self, report: dict, start: float, *, merged: bool = False) -> dict:
+        """Record the total time (in the ``engine_build`` part of a ``merged`` report),
+        write ``export.json`` atomically, last, and return ``report``."""
         self.elapsed = round(time.perf_counter() - start, 3)
-        if report is new:
-            report["total_seconds"] = self.elapsed
-        else:
-            report["engine_build"]["total_seconds"] = self.elapsed
+        (report["engine_build"] if merged else report)["total_seconds"] = self.elapsed
         write_text_atomic(self.outdir / REPORT_NAME,
                           json.dumps(report, indent=2, default=_json_default) + "\n")
         self.files.append(self.outdir / REPORT_NAME)
@@ -554,6 +585,20 @@ class Exporter:
                   file=self.out)
 
 
+def merge_engine_build(old: dict, new: dict, files: dict) -> dict:
+    """``old``, the ``export.json`` of the export that wrote the ONNX file, with the
+    engine built from it by ``--from-onnx`` added: ``engine_build`` (time, versions,
+    GPU, options, batch, steps of ``new``, the build's own report), its engine, parity
+    figures, notes and ``files``; the export's own fields are kept."""
+    old["engine_build"] = {k: new[k] for k in ("created", "versions", "gpu", "options",
+                                               "batch", "steps")}
+    old["engine"] = new["engine"]
+    old["parity"] = {**old.get("parity", {}), **new["parity"]}
+    old["notes"] = [*old.get("notes", []), *new["notes"]]
+    old["files"] = {**old.get("files", {}), **files}
+    return old
+
+
 def graph_io_shapes(graph) -> tuple[list[dict], list[dict]]:
     """Inputs and outputs of an :class:`~.onnx_export.OnnxExport` as report entries."""
     inputs = [{"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32"}]
@@ -564,38 +609,16 @@ def graph_io_shapes(graph) -> tuple[list[dict], list[dict]]:
             [{"name": graph.output_name, "shape": graph.output_shape, "dtype": "float32"}])
 
 
-def _engine_summary(metadata) -> dict | None:
-    if metadata is None:
-        return None
-    from dataclasses import asdict
-
-    return asdict(metadata)
-
-
-def _landmark_parity(name: str, reference: np.ndarray, candidate: np.ndarray) -> str:
-    """Compare landmark batches ``(N, 68, 3)``; :class:`ExportError` past
-    :data:`LANDMARKS_MAX_ABS_PX`."""
-    diff = float(np.abs(candidate - reference).max()) if np.isfinite(candidate).all() \
-        else float("inf")
+def _landmark_parity(name: str, reference, candidate, crops: np.ndarray) -> str:
+    """Compare two landmark runners on ``crops`` ``(N, 3, 120, 120)``
+    (:func:`.parity.landmark_difference`); :class:`ExportError` past
+    :data:`~.parity.LANDMARKS_MAX_ABS_PX`."""
+    diff = landmark_difference(reference, candidate, crops)
     if not diff < LANDMARKS_MAX_ABS_PX:
         raise ExportError(f"landmarks {name}: max |diff| {diff:.2e} px over "
                           f"{LANDMARKS_MAX_ABS_PX:g} px; nothing was written under the "
                           "final name")
     return f"{name} max |diff| {diff:.1e} px: pass"
-
-
-def _cached(runner):
-    """Memoise a runner on the bytes of its input (references run once per input)."""
-    memo = {}
-
-    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
-        key = (image.shape, image.tobytes(),
-               None if landmarks is None else landmarks.tobytes())
-        if key not in memo:
-            memo[key] = runner(image, landmarks)
-        return memo[key]
-
-    return run
 
 
 def _versions() -> dict:
@@ -604,7 +627,7 @@ def _versions() -> dict:
     import torch
 
     from .. import __version__
-    from .engine_file import installed_tensorrt_version
+    from ..export.engine_file import installed_tensorrt_version
 
     return {"vrn": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

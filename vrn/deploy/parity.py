@@ -1,7 +1,17 @@
-"""Numerical parity of an exported graph (or engine) against a reference.
+"""Numerical parity of an exported graph (or engine) against a reference, run through
+the backends that ship.
 
-Each comparison runs the same inputs through a reference and a candidate, one image at
-a time and then all of them as one batch (which exercises the dynamic batch
+The reference and the candidate are the runtime's own
+:class:`~vrn.runtime.backends.base.Backend` objects, the classes ``vrn-live`` and
+``vrn-reconstruct`` run (PyTorch:
+:class:`~vrn.runtime.backends.torch_backend.TorchBackend`; an ONNX file:
+:class:`~vrn.runtime.backends.onnxruntime_backend.OnnxRuntimeBackend`; an engine:
+:class:`~vrn.runtime.backends.tensorrt_backend.TensorRTBackend`), driven the way
+Polygraphy's ``Comparator`` drives its runners: same inputs, outputs compared. A bug
+in a backend therefore fails the export's check instead of passing it.
+
+Each comparison runs the same inputs through the reference and the candidate, one
+image at a time and then all of them as one batch (which exercises the dynamic batch
 dimension), and compares the occupancy volumes ``(N, D, H, W)`` float32:
 
 - fp32 candidates: the largest absolute difference must stay under
@@ -14,7 +24,8 @@ with pixel noise, so that the activations have image-like statistics) and the fa
 crop of the packaged sample photo. White noise is not used: through the released
 architecture it drives the instance norms' inputs to means many times their spread,
 where ONNX Runtime's ``InstanceNormalization`` kernel (``x * s + (b - mean * s)``) is
-2-3 times less accurate than PyTorch's, and the fp32 difference reaches 0.8-1.1e-4 on its own.
+2-3 times less accurate than PyTorch's, and the fp32 difference reaches 0.8-1.1e-4 on
+its own.
 
 A report whose target is not ``enforced`` (the exporter's choice for fp16 with
 untrained weights, whose volume hovers around 0.5 so that occupancy flips on any
@@ -23,22 +34,50 @@ difference) still has to be :attr:`~ParityReport.sane`: finite and free of gross
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import cv2
 import numpy as np
 
+from ..metrics import OCCUPANCY_LEVEL, occupancy_iou
+
 FP32_MAX_ABS = 1e-4
 FP16_MIN_IOU = 0.995
-OCCUPANCY_LEVEL = 0.5
 # Gross-error floors, checked even where the targets above are not enforced (untrained
 # weights): a broken conversion (wrong types, overflow, garbage) falls far below them.
 FP32_SANE_MAX_ABS = 1e-2
 FP16_SANE_IOU = 0.95
+LANDMARKS_MAX_ABS_PX = 1e-2  # landmark stage: largest difference, 120-pixel crop frame
 
-Runner = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+class Runner(Protocol):
+    """What a parity check runs: a :class:`~vrn.runtime.backends.base.Backend` (or
+    :class:`CachedRunner` around one). ``infer(image (N, C, S, S) float32, landmarks
+    (N, 68, 3) float32 or None, on_device=False) -> (N, D, S, S)`` float32 NumPy."""
+
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None): ...
+
+
+class CachedRunner:
+    """A runner that runs each distinct input once (a reference shared by several
+    checks: the fp32 and fp16 graphs against PyTorch)."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self._memo: dict = {}
+
+    def infer(self, batch, landmarks=None, *, on_device: bool | None = None) -> np.ndarray:
+        key = (batch.shape, batch.tobytes(), None if landmarks is None else landmarks.tobytes())
+        if key not in self._memo:
+            self._memo[key] = run(self.runner, batch, landmarks)
+        return self._memo[key]
+
+
+def run(runner: Runner, image: np.ndarray, landmarks: np.ndarray | None = None
+        ) -> np.ndarray:
+    """``runner``'s volumes ``(N, D, S, S)`` for ``image`` as a NumPy array."""
+    return np.asarray(runner.infer(image, landmarks, on_device=False))
 
 
 @dataclass
@@ -174,10 +213,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, label: str) -> ParityR
         raise ValueError(f"{label}: candidate volume shape {candidate.shape} differs from "
                          f"the reference {reference.shape}")
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
-    ref_occ = reference > OCCUPANCY_LEVEL
-    cand_occ = candidate > OCCUPANCY_LEVEL
-    union = np.logical_or(ref_occ, cand_occ).sum()
-    iou = np.logical_and(ref_occ, cand_occ).sum() / union if union else 1.0
+    iou = occupancy_iou(reference, candidate, level=OCCUPANCY_LEVEL)
     max_abs = float(diff.max()) if np.isfinite(candidate).all() else float("inf")
     return ParityRow(label=label, batch=int(reference.shape[0]), max_abs=max_abs,
                      mean_abs=float(diff.mean()), iou=float(iou))
@@ -186,7 +222,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, label: str) -> ParityR
 def check_parity(reference: Runner, candidate: Runner, inputs: list[ParityInput], *,
                  name: str, precision: str, max_batch: int = 1,
                  enforced: bool = True) -> ParityReport:
-    """Run ``inputs`` through both runners and compare.
+    """Run ``inputs`` through both runners (backends) and compare.
 
     Each input runs alone; then, when ``max_batch > 1``, the first ``max_batch`` inputs
     run through the candidate as one batch and are compared with their single-image
@@ -197,51 +233,32 @@ def check_parity(reference: Runner, candidate: Runner, inputs: list[ParityInput]
     report = ParityReport(name=name, precision=precision, enforced=enforced)
     references = []
     for item in inputs:
-        ref = reference(item.image, item.landmarks)
+        ref = run(reference, item.image, item.landmarks)
         references.append(ref)
-        report.rows.append(compare(ref, candidate(item.image, item.landmarks), item.label))
+        report.rows.append(compare(ref, run(candidate, item.image, item.landmarks),
+                                   item.label))
     batched = inputs[:max_batch]
     if len(batched) > 1:
         landmarks = None
         if batched[0].landmarks is not None:
             landmarks = np.concatenate([item.landmarks for item in batched])
-        out = candidate(np.concatenate([item.image for item in batched]), landmarks)
+        out = run(candidate, np.concatenate([item.image for item in batched]), landmarks)
         report.rows.append(compare(np.concatenate(references[:len(batched)]), out,
                                    f"batch of {len(batched)}"))
     return report
 
 
-def torch_runner(model) -> Runner:
-    """A runner for a PyTorch model on the CPU, fp32, no gradients."""
-    import torch
-
-    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
-        extra = () if landmarks is None else (torch.from_numpy(landmarks),)
-        with torch.no_grad():
-            return model(torch.from_numpy(image), *extra).numpy()
-
-    return run
-
-
-def onnxruntime_runner(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
-    """A runner for an ONNX file on ONNX Runtime's CPU execution provider (all graph
-    optimisations on)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [value.name for value in session.get_inputs()]
-
-    def run(image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
-        feeds = {names[0]: image}
-        if len(names) > 1:
-            feeds[names[1]] = landmarks
-        return session.run(None, feeds)[0]
-
-    return run
+def landmark_difference(reference, candidate, crops: np.ndarray) -> float:
+    """Largest absolute difference, in crop pixels, between the landmarks of two
+    landmark-stage runners (:class:`~vrn.runtime.landmarks.TorchLandmarkRunner` and its
+    kin: ``runner(crops) -> (N, 68, 3)`` float32) for ``crops`` ``(N, 3, 120, 120)``
+    float32; ``inf`` when the candidate's are not all finite. The check passes under
+    :data:`LANDMARKS_MAX_ABS_PX`."""
+    expected, got = np.asarray(reference(crops)), np.asarray(candidate(crops))
+    if expected.shape != got.shape:
+        raise ValueError(f"candidate landmarks {got.shape} differ in shape from the "
+                         f"reference {expected.shape}")
+    return float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
 
 
 def format_table(reports: list[ParityReport]) -> str:
