@@ -1,0 +1,1 @@
+"""Stand-ins for libraries and devices this machine lacks (TensorRT, GPUs)."""
