@@ -4,7 +4,12 @@
 >>> faces = vrn.reconstruct(vrn.runtime.sample_image_path())  # doctest: +SKIP
 >>> faces[0].mesh.vertices.shape  # (V, 3) float32, photo pixels  # doctest: +SKIP
 
-Subpackages: :mod:`vrn.model`, :mod:`vrn.export`, :mod:`vrn.kernels`, :mod:`vrn.runtime`.
+Subpackages, lowest first (each imports only those before it): :mod:`vrn.kernels`,
+:mod:`vrn.model`, :mod:`vrn.data`, :mod:`vrn.export` (the ONNX and engine writers),
+:mod:`vrn.runtime` (the per-frame pipeline), :mod:`vrn.deploy` (``vrn-export``: the
+writers checked through the runtime's backends), :mod:`vrn.train`, :mod:`vrn.eval`,
+:mod:`vrn.bench`, :mod:`vrn.viewer`, and :mod:`vrn.cli` (the commands). Shared by all:
+:mod:`vrn.errors`, :mod:`vrn.atomic`, :mod:`vrn.metrics`, :mod:`vrn.image_io`.
 """
 
 import importlib

@@ -21,7 +21,7 @@ from ..runtime import cpu
 from ..runtime.backends import onnxruntime_providers
 
 LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "numba", "cv2",
-             "skimage", "mcubes", "vtk", "pycuda")
+             "skimage", "mcubes", "vtk")
 
 
 def _run(command: list[str], timeout: float = 10.0) -> str | None:

@@ -32,7 +32,6 @@ from .landmarks import LandmarkStage
 from .mesh import FaceMesh
 from .timing import StageTimer
 
-STAGES = ("detect", "landmarks", "crop", "infer", "isosurface", "colour")
 
 
 @dataclass

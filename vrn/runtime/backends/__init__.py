@@ -60,11 +60,10 @@ def cuda_available() -> bool:
 
 
 def torch_cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    """Whether torch is installed and sees a CUDA device."""
+    from .cuda_arrays import torch_cuda
+
+    return torch_cuda() is not None
 
 
 def _has_module(name: str) -> bool:
