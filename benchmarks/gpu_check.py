@@ -161,7 +161,7 @@ def check_torch_fp16_vs_cpu_fp32(ctx: Context) -> dict:
         ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
         x = torch.from_numpy(crops[:1]).cuda()
 
-        def run():
+        def run(backend=backend, x=x):
             backend.infer(x, landmarks[:1])
             torch.cuda.synchronize()
 
@@ -301,7 +301,7 @@ def check_tensorrt(ctx: Context) -> dict:
         ious = [occupancy_iou(v, r) for v, r in zip(volumes, reference)]
         x = torch.from_numpy(crops[:1]).cuda() if torch is not None else crops[:1]
 
-        def run():
+        def run(backend=backend, x=x):
             backend.infer(x, landmarks[:1])
             backend.synchronize()
 

@@ -4,9 +4,9 @@ On full-size volumes (a face-like one, a noisy one and, inside ``gpu_check.py``,
 model's own), the CUDA twins must give exactly the CPU twins' output for float32,
 float16 and uint8 volumes, for a batch, and for a torch tensor on a side stream. Then
 CUDA events time one frame: the three marching-cubes launches (count, scan, emit) each,
-and the whole call including its host synchronisation, against the goals in ``docs/reference.md`` (under
-0.2 ms on an H100-class GPU, under 2 ms on a Jetson Orin); and the mesh finishing
-kernels (photo transform and vertex colours).
+and the whole call including its host synchronisation, against the goals in
+``docs/reference.md`` (under 0.2 ms on an H100-class GPU, under 2 ms on a Jetson Orin);
+and the mesh finishing kernels (photo transform and vertex colours).
 
 :func:`check_marching_cubes` follows ``gpu_check.py``'s contract (a dict with
 ``status``, ``detail`` and the figures); run alone, this script prints them and writes

@@ -12,7 +12,8 @@ import torch
 from conftest import guided_model
 from train_samples import disk_samples
 
-from vrn.model import VRN, VRNConfig, VRNLandmarkGuided, build_model, load_checkpoint, save_checkpoint
+from vrn.model import (VRN, VRNConfig, VRNLandmarkGuided, build_model, load_checkpoint,
+                       save_checkpoint)
 from vrn.model.heatmaps import (DepthSmoothing, LandmarkDepth, LandmarkHeatmaps,
                                 PlaneSmoothing, render_heatmaps, render_landmark_depth)
 

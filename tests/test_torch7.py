@@ -290,7 +290,7 @@ def test_old_formats_running_std_and_2d_mm_weights(tmp_path):
     root, named = t7w.vrn_t7(SMALL, seed=4)
     _, bn = find(root, "stem.3.bn2")
     var = named["stem.3.bn2.running_var"]
-    bn.fields["running_std"] = t7w.tensor((1 / np.sqrt(var.astype(np.float64) + 1e-5)))
+    bn.fields["running_std"] = t7w.tensor(1 / np.sqrt(var.astype(np.float64) + 1e-5))
     del bn.fields["running_var"]
     _, conv = find(root, "stacks.0.0.out.conv2")
     weight = named["stacks.0.0.out.conv2.weight"]

@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     # 32 fixed perturbations of up to 3% of the side in position and size.
     jitter = np.random.default_rng(1).uniform(-0.03, 0.03, size=(32, 3))
     gt_boxes = [landmarks_to_crop_box(gt) for _, _, gt in samples]
-    print("GT-landmark crop box:        single %.2f%%  refined %.2f%%"
-          % tuple(100 * v for v in evaluate(stage, samples, lambda i: gt_boxes[i])))
+    single, refined = evaluate(stage, samples, lambda i: gt_boxes[i])
+    print(f"GT-landmark crop box:        single {100 * single:.2f}%  "
+          f"refined {100 * refined:.2f}%")
 
     detector = YuNetFaceDetector(args.yunet)  # None: the shipped model
     faces: list[FaceBox] = []
@@ -127,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     for backend in ("torch", "onnxruntime"):
         timed = LandmarkStage(backend, refine=False)
         batch = np.zeros((1, 3, 120, 120), np.float32)
-        forward = repeat(lambda: timed._run(batch), runs=200, warmup=20)
-        full = repeat(lambda: timed.from_crop_boxes(image, gt_boxes[0][None]), runs=50)
+        forward = repeat(lambda timed=timed, batch=batch: timed._run(batch), runs=200,
+                         warmup=20)
+        full = repeat(lambda timed=timed: timed.from_crop_boxes(image, gt_boxes[0][None]),
+                      runs=50)
         print(f"{timed.describe()}: forward {np.median(forward.wall_ms):.2f} ms, "
               f"crop + forward + mapping {np.median(full.wall_ms):.2f} ms (median)")
     return 0

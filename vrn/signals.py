@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 INTERRUPT_EXIT, TERMINATE_EXIT = 130, 143
 

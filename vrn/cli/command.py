@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import UsageError, VRNError
 from ..signals import interrupt_exit, interrupt_word, sigterm_as_interrupt

@@ -72,7 +72,7 @@ class EngineMetadata:
 
     @classmethod
     def from_json(cls, text: str, source: str | os.PathLike = "engine metadata"
-                  ) -> "EngineMetadata":
+                  ) -> EngineMetadata:
         """Parse and validate a sidecar's text; :class:`EngineError` (naming ``source``
         and the field at fault) if it is not valid JSON or not a valid sidecar."""
         try:
@@ -83,7 +83,7 @@ class EngineMetadata:
 
     @classmethod
     def from_dict(cls, data, source: str | os.PathLike = "engine metadata"
-                  ) -> "EngineMetadata":
+                  ) -> EngineMetadata:
         """Validate a parsed sidecar: every field's type and range."""
         if not isinstance(data, dict):
             raise _bad(source, f"not a {FORMAT} sidecar (a JSON object expected, got "

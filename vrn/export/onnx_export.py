@@ -2,10 +2,11 @@
 
 The graph has the input ``image`` ``(N, 3, S, S)`` float32, RGB in [0, 1] (and, for a
 landmark-guided model, ``landmarks`` ``(N, 68, 3)`` float32 crop pixels ``(x, y, z)``, whose
-heatmaps are rendered inside the graph), and one output ``volume`` ``(N, D, S, S)`` float32 occupancy in [0, 1] (``(D, H, W)`` per image,
-larger ``d`` nearer the camera), with ``1 <= N <= max_batch``. VRN-Multitask and
-VRN-Guided export the same single output: their heatmaps are intermediate tensors the
-runtime does not read, so the landmark head of VRN-Multitask is dropped from the graph.
+heatmaps are rendered inside the graph), and one output ``volume`` ``(N, D, S, S)``
+float32 occupancy in [0, 1] (``(D, H, W)`` per image, larger ``d`` nearer the camera),
+with ``1 <= N <= max_batch``. VRN-Multitask and VRN-Guided export the same single
+output: their heatmaps are intermediate tensors the runtime does not read, so the
+landmark head of VRN-Multitask is dropped from the graph.
 
 Batch norm: in ``"running"`` mode each batch norm that follows a convolution is folded
 into it, and the pre-activation ones (after an addition or pooling, where there is no

@@ -64,7 +64,7 @@ class ModelInfo:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "ModelInfo":
+    def from_metadata(cls, meta: dict[str, str]) -> ModelInfo:
         known = {"format", "architecture", "config", "landmark_config", "bn_mode",
                  "color_order", "input_range", "z_scale", "trained", "provenance"}
         landmark = meta.get("landmark_config")

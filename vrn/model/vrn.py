@@ -78,7 +78,7 @@ class VRNConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VRNConfig":
+    def from_dict(cls, data: dict) -> VRNConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -306,11 +306,11 @@ class VRNLandmarkGuided(_ModelState, nn.Module):
     correction to the prior; the prior's weight is fixed: trained, cross-entropy shrinks
     a gain on it until the head, which does not carry over from synthetic to real
     photos as well as the prior does, decides the surface), smoothed along depth
-    (:class:`~.heatmaps.DepthSmoothing`, sigma :attr:`DEPTH_SIGMA` voxels) on the trunk's grid, then resized to ``S`` in two
-    bilinear doublings (``align_corners=True``) with a small blur between them
-    (:class:`~.heatmaps.PlaneSmoothing`: VRN's single bilinear resize leaves the trunk's
-    grid visible in the shading; ONNX Runtime's bicubic resize costs 400 ms). The
-    prior's ramps are linear in depth over
+    (:class:`~.heatmaps.DepthSmoothing`, sigma :attr:`DEPTH_SIGMA` voxels) on the trunk's
+    grid, then resized to ``S`` in two bilinear doublings (``align_corners=True``) with
+    a small blur between them (:class:`~.heatmaps.PlaneSmoothing`: VRN's single bilinear
+    resize leaves the trunk's grid visible in the shading; ONNX Runtime's bicubic resize
+    costs 400 ms). The prior's ramps are linear in depth over
     :attr:`~.slab_prior.SlabPrior.clamp` voxels, so the resize interpolates the surface
     between trunk pixels instead of stepping. ``self.vrn`` is a plain :class:`VRN`
     (``in_channels = 3``), so unguided weights initialise it.

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -198,7 +198,7 @@ class FrameGrabber:
             with self._cond:
                 self._ended = True
 
-    def __enter__(self) -> "FrameGrabber":
+    def __enter__(self) -> FrameGrabber:
         return self
 
     def __exit__(self, *exc) -> None:

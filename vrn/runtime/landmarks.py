@@ -150,7 +150,7 @@ class OrtLandmarkRunner:
 
     @classmethod
     def cached(cls, model: LandmarkRegressor, weights: Path, cache_dir: Path | None,
-               threads: int | None) -> "OrtLandmarkRunner":
+               threads: int | None) -> OrtLandmarkRunner:
         """``model`` (from the file ``weights``) exported once to ONNX in ``cache_dir``
         (default: the ONNX Runtime backend's cache folder) and opened; a cached file
         that does not load is exported again."""

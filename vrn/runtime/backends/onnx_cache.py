@@ -29,7 +29,8 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 from ...atomic import atomic_path, write_text_atomic
 from ...errors import UnreadableOnnxError

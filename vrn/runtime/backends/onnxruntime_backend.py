@@ -225,7 +225,7 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(bound.binding)  # returns once the stream is done
         return buffers.hand_over(y) if on_device else buffers.to_host(y)
 
-    def _new_binding(self, n: int) -> "_Bound":
+    def _new_binding(self, n: int) -> _Bound:
         s = self.input_size
         return _Bound(self.session.io_binding(), self._buffers.empty((n, 3, s, s)),
                       self._buffers.empty((n, self.out_depth, s, s)))
@@ -241,7 +241,7 @@ class OnnxRuntimeBackend:
     @classmethod
     def from_weights(cls, weights: str | os.PathLike | None = None, *,
                      precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
-                     **kwargs) -> "OnnxRuntimeBackend":
+                     **kwargs) -> OnnxRuntimeBackend:
         """Export ``weights`` (see :func:`vrn.model.load_model`) to ONNX once, into
         ``cache_dir/onnx/``, and open that; later calls with the same weights reuse the
         file. ``precision="fp16"`` uses the fp16 graph (:mod:`vrn.export.fp16`; GPU
