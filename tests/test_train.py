@@ -150,3 +150,38 @@ def test_vrn_train_cli_needs_data(tmp_path, capsys):
 
     assert main(["-o", str(tmp_path)]) == 2
     assert "--cache" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    from vrn.train import loop
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    loop._distributed()  # joins the process group
+    # Every process writes its own checkpoint (normally only rank 0 does), to compare.
+    loop._distributed = lambda: (0, world, rank)
+    config = TrainConfig(model=TINY, epochs=2, batch_size=2, lr=1e-3, augmentation=None,
+                         save_every=1000, device="cpu", seed=rank)  # different init and data
+    train(_samples(), config, f"{out_dir}/rank{rank}", progress=False)
+
+
+def test_distributed_processes_keep_identical_weights(tmp_path):
+    """Under torchrun each process starts from its own seed and sees its own batches;
+    DistributedDataParallel must broadcast the first weights and average the gradients,
+    so every process ends with the same weights (gloo on CPU, two processes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    first, second = (load_file(str(tmp_path / f"rank{r}" / "last.safetensors"))
+                     for r in range(2))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -89,7 +89,6 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
     "model": str, "failed": [names]}`` (NME values are fractions of the interocular
     distance; ``None`` where no mesh was produced)."""
     from ..data.aflw import AFLWFolder
-    from ..eval.nme import landmark_posed_mean_face, posed_mean_face, reconstruction_nme
     from ..runtime.pipeline import Reconstructor
 
     if crop not in ("pipeline", "landmarks"):
@@ -105,82 +104,113 @@ def evaluate(folder, bfm, *, meshes: str | None = None, weights=None, backend: s
         info = pipeline.model_info
         if info is not None:
             model_text = f"{info.architecture} ({info.provenance}), crop: {crop}"
-    rows, failed = [], []
+    rows = []
     iterator = range(count)
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="scoring", unit="image", file=sys.stderr)
     for i in iterator:
-        name = data.paths[i].name
-        try:
-            rec = data.record(i)
-        except Exception as exc:  # one corrupt .mat or image costs one row, not the run
-            failed.append(name)
-            rows.append({"image": name, "yaw_degrees": None, "nme": None, "nme_icp": None,
-                         "baseline_nme": None, "baseline_nme_icp": None,
-                         "ours_baseline_nme": None, "ours_baseline_nme_icp": None,
-                         "error": f"{name}: {describe_error(exc)}"})
-            continue
-        h, w = rec.image.shape[:2]
-        gt_faces = bfm.triangles
-        base = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks,
-                                  posed_mean_face(bfm, rec.pose, h), gt_faces, (h, w),
-                                  icp_iterations=icp_iterations)
-        row = {"image": name, "yaw_degrees": round(float(np.rad2deg(rec.pose[1])), 1),
-               "nme": None, "nme_icp": None,
-               "baseline_nme": base.depth_aligned, "baseline_nme_icp": base.icp,
-               "ours_baseline_nme": None, "ours_baseline_nme_icp": None}
-        result, stage_landmarks, pipeline_error = None, None, None
-        try:
-            if not meshes and recon is None:
-                result = pipeline(rec.image)
-                if result.faces:
-                    stage_landmarks = result.faces[0].landmarks
-            else:
-                boxes = pipeline.detector(rec.image)[:1]
-                if boxes:
-                    stage_landmarks = pipeline.landmark_stage(rec.image, boxes)[0]
-            if stage_landmarks is not None:
-                ours = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks,
-                                          landmark_posed_mean_face(bfm, stage_landmarks),
-                                          gt_faces, (h, w), icp_iterations=icp_iterations)
-                row["ours_baseline_nme"] = ours.depth_aligned
-                row["ours_baseline_nme_icp"] = ours.icp
-        except Exception as exc:
-            pipeline_error = f"{name}: {describe_error(exc)}"
-        try:
-            if meshes:
-                obj = Path(meshes) / f"{rec.path.stem}.obj"
-                if not obj.is_file():
-                    raise FileNotFoundError(f"{obj}: no mesh")
-                vertices, faces = load_obj(obj)
-            elif recon is not None:
-                vertices, faces = recon(rec.image, rec.annotated_landmarks
-                                        if rec.annotated_landmarks is not None
-                                        else rec.landmarks)
-            else:
-                if result is None or not result.faces:
-                    raise VRNError(pipeline_error or f"{name}: no face detected")
-                vertices = np.asarray(result.faces[0].mesh.vertices, np.float64)
-                faces = np.asarray(result.faces[0].mesh.faces, np.int64)
-            score = reconstruction_nme(rec.vertices, gt_faces, rec.landmarks, vertices, faces,
-                                       (h, w), icp_iterations=icp_iterations)
-            row["nme"], row["nme_icp"] = score.depth_aligned, score.icp
-        except Exception as exc:
-            failed.append(name)
-            row["error"] = str(exc) if isinstance(exc, (VRNError, FileNotFoundError)) else \
-                f"{name}: {describe_error(exc)}"
-        rows.append(row)
+        rows.append(_score_image(data, i, bfm, pipeline, recon, meshes, icp_iterations))
+    failed = [row["image"] for row in rows if "error" in row]
+    return {"images": rows, "mean": _means(rows, len(failed)), "model": model_text,
+            "failed": failed}
+
+
+_EMPTY_ROW = {"yaw_degrees": None, "nme": None, "nme_icp": None, "baseline_nme": None,
+              "baseline_nme_icp": None, "ours_baseline_nme": None,
+              "ours_baseline_nme_icp": None}
+
+
+def _score_image(data, i: int, bfm, pipeline, recon, meshes: str | None,
+                 icp_iterations: int) -> dict:
+    """One image's row: the posed-mean-face baselines and our mesh's NME; a failure
+    (a corrupt ``.mat``, no face, a crash) is the row's ``error``, not the run's."""
+    from ..eval.nme import posed_mean_face, reconstruction_nme
+
+    name = data.paths[i].name
+    try:
+        rec = data.record(i)
+    except Exception as exc:  # one corrupt .mat or image costs one row, not the run
+        return {"image": name, **_EMPTY_ROW, "error": f"{name}: {describe_error(exc)}"}
+    h, w = rec.image.shape[:2]
+    base = reconstruction_nme(rec.vertices, bfm.triangles, rec.landmarks,
+                              posed_mean_face(bfm, rec.pose, h), bfm.triangles, (h, w),
+                              icp_iterations=icp_iterations)
+    row = {"image": name, **_EMPTY_ROW,
+           "yaw_degrees": round(float(np.rad2deg(rec.pose[1])), 1),
+           "baseline_nme": base.depth_aligned, "baseline_nme_icp": base.icp}
+    result, pipeline_error = None, None
+    try:
+        result = _our_pose_baseline(row, rec, bfm, pipeline, run_pipeline=not meshes
+                                    and recon is None, icp_iterations=icp_iterations)
+    except Exception as exc:
+        pipeline_error = f"{name}: {describe_error(exc)}"
+    try:
+        vertices, faces = _predicted_mesh(rec, name, result, pipeline_error, meshes, recon)
+        score = reconstruction_nme(rec.vertices, bfm.triangles, rec.landmarks, vertices,
+                                   faces, (h, w), icp_iterations=icp_iterations)
+        row["nme"], row["nme_icp"] = score.depth_aligned, score.icp
+    except Exception as exc:
+        row["error"] = str(exc) if isinstance(exc, (VRNError, FileNotFoundError)) else \
+            f"{name}: {describe_error(exc)}"
+    return row
+
+
+def _our_pose_baseline(row: dict, rec, bfm, pipeline, *, run_pipeline: bool,
+                       icp_iterations: int):
+    """Fill ``row``'s "our pose" baseline: the mean face posed by the landmark stage's
+    68 points. Returns the pipeline's result when ``run_pipeline`` (its landmarks serve),
+    else ``None`` (the detector and landmark stage run alone)."""
+    from ..eval.nme import landmark_posed_mean_face, reconstruction_nme
+
+    result, landmarks = None, None
+    if run_pipeline:
+        result = pipeline(rec.image)
+        if result.faces:
+            landmarks = result.faces[0].landmarks
+    else:
+        boxes = pipeline.detector(rec.image)[:1]
+        if boxes:
+            landmarks = pipeline.landmark_stage(rec.image, boxes)[0]
+    if landmarks is not None:
+        ours = reconstruction_nme(rec.vertices, bfm.triangles, rec.landmarks,
+                                  landmark_posed_mean_face(bfm, landmarks), bfm.triangles,
+                                  rec.image.shape[:2], icp_iterations=icp_iterations)
+        row["ours_baseline_nme"], row["ours_baseline_nme_icp"] = ours.depth_aligned, ours.icp
+    return result
+
+
+def _predicted_mesh(rec, name: str, result, pipeline_error: str | None,
+                    meshes: str | None, recon) -> tuple[np.ndarray, np.ndarray]:
+    """``(vertices (V, 3), faces (F, 3))`` to score: an OBJ from ``meshes``, the
+    landmark-crop reconstruction, or the pipeline's first face."""
+    if meshes:
+        obj = Path(meshes) / f"{rec.path.stem}.obj"
+        if not obj.is_file():
+            raise FileNotFoundError(f"{obj}: no mesh")
+        return load_obj(obj)
+    if recon is not None:
+        return recon(rec.image, rec.annotated_landmarks
+                     if rec.annotated_landmarks is not None else rec.landmarks)
+    if result is None or not result.faces:
+        raise VRNError(pipeline_error or f"{name}: no face detected")
+    return (np.asarray(result.faces[0].mesh.vertices, np.float64),
+            np.asarray(result.faces[0].mesh.faces, np.int64))
+
+
+def _means(rows: list[dict], failed: int) -> dict:
+    """The table's mean row: NME over the scored images, the "our pose" baseline over
+    the images where it ran, and the counts."""
     scored = [r for r in rows if r["nme"] is not None]
     mean = {key: (float(np.mean([r[key] for r in scored])) if scored else None)
             for key in ("nme", "nme_icp", "baseline_nme", "baseline_nme_icp")}
-    mean["failed"] = len(failed)
+    mean["failed"] = failed
     posed = [r for r in rows if r["ours_baseline_nme"] is not None]
     for key in ("ours_baseline_nme", "ours_baseline_nme_icp"):
         mean[key] = float(np.mean([r[key] for r in posed])) if posed else None
     mean["scored"] = len(scored)
     mean["images"] = len(rows)
-    return {"images": rows, "mean": mean, "model": model_text, "failed": failed}
+    return mean
 
 
 def format_table(results: dict) -> str:

@@ -396,11 +396,10 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     loss_size = config.loss_size or cfg.input_size
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
     state = _restore_optimizer(optimizer, out_dir / OPTIMIZER_STATE, device, resume)
-    net = model
-    if world > 1:
+    net = _LogitsNet(model, loss_size)
+    if world > 1:  # gradients are averaged over processes in the wrapper's backward
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     guided = model.architecture in GUIDED_ARCHITECTURES
     dataset = TrainingSet(samples, config.augmentation, depth=cfg.out_depth, seed=config.seed,
                           guidance=config.guidance if guided else None)
@@ -424,17 +423,15 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     try:
         while state["epoch"] < config.epochs and not stop:
             epoch = state["epoch"]
-            lr = config.lr if epoch < config.lr_drop_epoch else config.lr_after_drop
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = _set_learning_rate(optimizer, config, epoch)
             bar = tqdm(_epoch_loader(samples, dataset, config, epoch, world),
                        desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                        disable=not progress or rank != 0, leave=False)
             for images, runs, landmarks in bar:
                 t0 = time.perf_counter()
-                losses = _train_step(net.module if world > 1 else net, optimizer, images,
-                                     runs, landmarks if guided else None, cfg, loss_size,
-                                     device, heatmap_landmarks=landmarks)
+                losses = _train_step(net, optimizer, images, runs,
+                                     landmarks if guided else None, cfg, loss_size, device,
+                                     heatmap_landmarks=landmarks)
                 state["step"] += 1
                 recent.append(losses[0])
                 if log_csv is not None:
@@ -457,6 +454,14 @@ def train(samples, config: TrainConfig, out_dir: str | os.PathLike, *,
     return {"steps": state["step"], "epochs": state["epoch"],
             "loss": float(np.mean(recent[-50:])) if recent else math.nan,
             "seconds": time.perf_counter() - start, "checkpoint": ckpt_path}
+
+
+def _set_learning_rate(optimizer, config: TrainConfig, epoch: int) -> float:
+    """The paper's schedule: ``lr``, then ``lr_after_drop`` from ``lr_drop_epoch`` on."""
+    lr = config.lr if epoch < config.lr_drop_epoch else config.lr_after_drop
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -521,9 +526,23 @@ def _epoch_loader(samples, dataset: TrainingSet, config: TrainConfig, epoch: int
         generator=torch.Generator().manual_seed(config.seed + epoch))
 
 
-def _train_step(model, optimizer, images, runs, guide, cfg, loss_size: int, device, *,
+class _LogitsNet(nn.Module):
+    """:func:`model_logits` as a module's ``forward``, so that DistributedDataParallel,
+    which averages gradients for what runs through its ``forward``, can wrap it."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, images: torch.Tensor, guide: torch.Tensor | None = None):
+        return model_logits(self.model, images, self.size, guide)
+
+
+def _train_step(net, optimizer, images, runs, guide, cfg, loss_size: int, device, *,
                 heatmap_landmarks) -> tuple[float, float, float]:
     """One optimiser step on a batch; returns ``(loss, volume loss, landmark loss)``.
+
+    ``net``: a :class:`_LogitsNet` (or DistributedDataParallel around one).
 
     ``images`` ``(N, C, S, S)``, ``runs`` the volume targets' depth runs, ``guide``
     ``(N, 68, 3)`` landmarks for a guided model (else ``None``); ``heatmap_landmarks``
@@ -531,7 +550,7 @@ def _train_step(model, optimizer, images, runs, guide, cfg, loss_size: int, devi
     images = images.to(device, non_blocking=True)
     targets = volume_targets(runs.to(device), depth=cfg.out_depth, size=loss_size)
     guide = guide.to(device) if guide is not None else None
-    volume, heat = model_logits(model, images, loss_size, guide)
+    volume, heat = net(images, guide)
     volume_loss = F.binary_cross_entropy_with_logits(volume, targets)
     loss = volume_loss
     landmark_loss = torch.zeros(())
