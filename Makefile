@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean browser
 
 setup: $(VENV)/.installed
 
@@ -25,8 +25,22 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/vrn-reconstruct --sample -o $(OUT) --preview
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# Chromium and chromedriver for the browser tests (tests/test_viewer.py, test_web.py),
+# from Debian's packages where apt-get and root are at hand; elsewhere those tests skip.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver (apt-get) for the browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null; } \
+		|| echo "note: chromium could not be installed; the browser tests will skip"; \
+	else \
+		echo "note: no chromium, and no root apt-get to install it: the browser tests will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -2,8 +2,10 @@
 
 Shows the shaded surface over each face, a side view of the mesh and a HUD with FPS and
 per-stage milliseconds (keys: ``q`` quit, ``s`` save the current mesh, ``v`` switch
-view), or with ``--headless`` prints a stats line every few seconds. Always ends with a
-summary: frames, FPS and per-stage p50/p90/p99.
+view), or with ``--headless`` prints a stats line every few seconds. ``--web
+[HOST:]PORT`` also serves the live view to browsers (with or without the window): the
+frame with the mesh over it, the mesh in 3D and the HUD. Always ends with a summary:
+frames, FPS and per-stage p50/p90/p99.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the summary and per-frame records (boxes, mesh sizes, ms)")
     p.add_argument("--stats-interval", type=float, default=2.0, metavar="S",
                    help="seconds between headless stats lines (default 2)")
+    web = p.add_argument_group("web view (needs the web extra: pip install 'vrn-edge[web]')")
+    web.add_argument("--web", metavar="[HOST:]PORT",
+                     help="serve the live view to browsers on PORT (host 127.0.0.1 "
+                          "unless given; 0.0.0.0 serves the whole network)")
+    web.add_argument("--web-token", metavar="TOKEN",
+                     help="require ?token=TOKEN in the page's URL")
+    web.add_argument("--web-wait", action=argparse.BooleanOptionalAction, default=None,
+                     help="start the source only once a browser has the page open "
+                          "(default: yes for a video file, which then plays from its "
+                          "start; no for a camera or stream)")
     return p
 
 
@@ -71,8 +83,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--detect-every must be >= 1")
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
+    web_address = _web_address(args)
 
-    from ..runtime.capture import FrameGrabber
+    from ..runtime.capture import FrameGrabber, is_live_source, parse_source
     from ..runtime.detect import create_detector
     from ..runtime.live import check_display, format_summary, run_live
     from ..runtime.pipeline import Reconstructor
@@ -80,7 +93,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.headless:
         check_display()
     grabber = FrameGrabber(args.source, start=False)  # a bad source fails before loading
+    web = None
     try:
+        if web_address is not None:  # a port in use fails before loading, too
+            web = _start_web(web_address, args.web_token, args.source)
         print(f"preparing the {args.backend} backend (the first onnxruntime run of new "
               "weights exports them to ONNX once; this can take a minute)", flush=True)
         threshold = ({} if args.detector_threshold is None
@@ -102,19 +118,64 @@ def _run(args: argparse.Namespace) -> int:
                 print("WARNING: these weights are NOT trained (seeded random initialisation): "
                       "the meshes show the pipeline working, not a face.")
         reconstructor.warmup()
+        if web is not None:
+            from ..viewer.assets import model_label
+
+            web.set_info(model=model_label(info))
+            wait = args.web_wait
+            if wait is None:  # a video file waits for its audience; a camera does not
+                wait = not is_live_source(parse_source(args.source))
+            if wait:
+                print(f"waiting for a browser at {web.url}", flush=True)
+                web.wait_for_client()
         grabber.start()
         summary = run_live(reconstructor, grabber, detect_every=args.detect_every,
                            headless=args.headless, max_frames=args.max_frames,
                            record=args.record, record_fps=args.record_fps,
                            save_meshes=args.save_meshes, stats_json=args.stats_json,
-                           stats_interval_s=args.stats_interval)
+                           stats_interval_s=args.stats_interval, web=web)
     finally:
         grabber.stop()
+        if web is not None:
+            web.close()
     print(format_summary(summary), flush=True)
     if summary.get("record"):
         print(f"recording: {summary['record']} ({summary['recorded_frames']} frames)")
     # The loop ended on Ctrl-C or SIGTERM after finalising its outputs.
     return EXIT_CODES.get(summary.get("ended"), 0)
+
+
+def _web_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """``--web``'s (host, port), checked with the options that need it."""
+    if args.web is None:
+        if args.web_token is not None or args.web_wait is not None:
+            raise UsageError("--web-token and --web-wait need --web [HOST:]PORT")
+        return None
+    from ..viewer.server import parse_address, require_aiohttp
+
+    try:
+        address = parse_address(args.web)
+    except ValueError as exc:
+        raise UsageError(f"--web: {exc}") from None
+    if args.web_token is not None and not args.web_token.strip():
+        raise UsageError("--web-token must not be empty")
+    require_aiohttp()
+    return address
+
+
+def _start_web(address: tuple[str, int], token: str | None, source: str):
+    """Start the web view's server; print its address, and a warning when it is
+    reachable from other machines."""
+    from ..viewer.server import WebViewServer, is_loopback
+
+    web = WebViewServer(*address, token=token).start()
+    web.set_info(source=f"source: {source}")
+    print(f"web view: {web.url}", flush=True)
+    if not is_loopback(web.host):
+        print(f"WARNING: the web view listens on {web.host}:{web.port}, not only on this "
+              "machine: anyone who can reach it can watch this camera"
+              + ("" if token else " (set --web-token to require a token)"), flush=True)
+    return web
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``vrn-reconstruct``: photos in, coloured face meshes (and preview PNGs) out."""
+"""``vrn-reconstruct``: photos in, coloured face meshes (and preview PNGs, and
+self-contained HTML viewer pages) out."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ from ..runtime.detect import DEFAULT_SCORE_THRESHOLD, create_detector
 from ..image_io import collect_images, load_image, sample_image_path
 from ..runtime.mesh import MESH_FORMATS, save_mesh
 from ..signals import interrupt_exit, interrupt_word
+from ..viewer.assets import model_label
+from ..viewer.static_page import write_static_page
 from .command import UsageError, describe_error, run_command
+
+# Mesh formats, and "html": the viewer page (vrn.viewer.static_page), one per mesh too.
+OUTPUT_FORMATS = MESH_FORMATS + ("html",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-faces", action="store_true",
                    help="reconstruct every face found, not only the largest")
     p.add_argument("--formats", default="obj",
-                   help=f"comma-separated mesh formats from {','.join(MESH_FORMATS)} "
-                        "(default: obj)")
+                   help=f"comma-separated output formats from {','.join(OUTPUT_FORMATS)} "
+                        "(default: obj); html is a self-contained page per mesh: the "
+                        "photo with the mesh over it and the mesh in 3D, opens offline")
     p.add_argument("--preview", action="store_true",
                    help="also write <stem>_preview.png: the shaded mesh over the photo "
                         "and a side view")
@@ -101,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
-    bad = [f for f in formats if f not in MESH_FORMATS]
+    bad = [f for f in formats if f not in OUTPUT_FORMATS]
     if bad or not formats:
-        raise UsageError(f"unknown mesh format(s) {bad}; choose from {','.join(MESH_FORMATS)}")
+        raise UsageError(f"unknown format(s) {bad}; choose from {','.join(OUTPUT_FORMATS)}")
     inputs = list(args.inputs) + ([str(sample_image_path())] if args.sample else [])
     if not inputs:
         raise UsageError("give images or folders, or --sample")
@@ -187,7 +194,13 @@ def _process(path: Path, reconstructor, outdir: Path, formats: list[str],
             continue
         stem = names.claim(base if i == 0 else f"{base}_face{i}")
         for fmt in formats:
-            save_mesh(face.mesh, outdir / f"{stem}.{fmt}")
+            if fmt == "html":
+                write_static_page(outdir / f"{stem}.html", face.mesh, image,
+                                  timings_ms=result.timings_ms,
+                                  model=model_label(reconstructor.model_info),
+                                  title=f"{path.name}: face {i}")
+            else:
+                save_mesh(face.mesh, outdir / f"{stem}.{fmt}")
             files += 1
         written += 1
         print(f"{path}: face {i}: {len(face.mesh.vertices)} vertices, "

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import VRNError
+from ..metrics import PERCENTILES, summarize
 from ..signals import interrupt_word
 from .capture import Frame, FrameGrabber
 from .mesh import save_mesh
@@ -43,7 +44,6 @@ from .tracking import FaceTracker, Track
 
 RESULT_QUEUE_SIZE = 2
 VIEWS = ("overlay", "textured", "camera")  # the main panel; `v` cycles through them
-PERCENTILES = (50, 90, 99)
 SIDE_PANEL_MIN = 160
 _END = object()
 
@@ -127,9 +127,9 @@ class LiveStats:
                 f"{self.frames_with_faces} | {stages} ms | dropped {dropped}")
 
     def summary(self, **extra) -> dict:
-        """Counts, FPS and per-stage percentiles (ms) as a JSON-ready dict."""
-        stages = {stage: {f"p{q}": round(float(np.percentile(values, q)), 3)
-                          for q in PERCENTILES} | {"mean": round(float(np.mean(values)), 3)}
+        """Counts, FPS and per-stage :func:`vrn.metrics.summarize` stats (ms: mean,
+        percentiles, extremes) as a JSON-ready dict."""
+        stages = {stage: {k: round(v, 3) for k, v in summarize(values).items() if k != "n"}
                   for stage, values in self.stage_ms.items() if values}
         return {"frames": self.frames, "frames_with_faces": self.frames_with_faces,
                 "fps": round(self.fps, 3),
@@ -318,6 +318,65 @@ class _Display:
             cv2.waitKey(1)
 
 
+class _DisplayStage:
+    """The display stage's work for each processed frame, in order: the canvas (for the
+    window and the recording), the statistics, the recording, the meshes on disk, the
+    web view, the window and its keys, and the headless stats line."""
+
+    def __init__(self, stats: LiveStats, grabber: FrameGrabber, *, display, recorder,
+                 mesh_dir: Path | None, web, headless: bool, stats_interval_s: float,
+                 out: TextIO):
+        self.stats, self.grabber = stats, grabber
+        self.display, self.recorder, self.mesh_dir, self.web = display, recorder, mesh_dir, web
+        self.headless, self.stats_interval_s, self.out = headless, stats_interval_s, out
+        self.view = VIEWS[0]
+        self.last_print = time.perf_counter()
+
+    def handle(self, item: LiveFrame) -> bool:
+        """Pass one frame to every output; ``False`` when the user quit."""
+        canvas, extra = self._canvas(item)
+        self.stats.add(item, extra)
+        if self.web is not None:
+            self.web.publish(item, self.stats)
+        if self.recorder is not None:
+            self.recorder.write(canvas)
+        if self.mesh_dir is not None:
+            _save_frame_meshes(item, self.mesh_dir, "ply")
+        if self.display is not None and not self._show(item, canvas):
+            return False
+        self._print_stats()
+        return True
+
+    def _canvas(self, item: LiveFrame) -> tuple[np.ndarray | None, dict[str, float]]:
+        """The display canvas and its drawing time, when a window or recording wants it."""
+        if self.display is None and self.recorder is None:
+            return None, {}
+        start = time.perf_counter()
+        canvas = compose_view(item.frame.image, item, view=self.view,
+                              hud=hud_lines(self.stats, self.view, len(item.result.faces)))
+        return canvas, {"render": (time.perf_counter() - start) * 1e3}
+
+    def _show(self, item: LiveFrame, canvas: np.ndarray) -> bool:
+        """Show the canvas and act on its key: ``q`` quits (``False``), ``v`` switches
+        the view, ``s`` saves the frame's meshes as OBJ."""
+        key = self.display.show(canvas)
+        if key == "q":
+            return False
+        if key == "v":
+            self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        elif key == "s":
+            saved = _save_frame_meshes(item, self.mesh_dir or Path.cwd(), "obj")
+            names = ", ".join(map(str, saved)) or "nothing (no face)"
+            print(f"[vrn-live] saved {names}", file=self.out, flush=True)
+        return True
+
+    def _print_stats(self) -> None:
+        now = time.perf_counter()
+        if self.headless and now - self.last_print >= self.stats_interval_s:
+            print(self.stats.line(self.grabber.frames_dropped), file=self.out, flush=True)
+            self.last_print = now
+
+
 # -------------------------------------------------------------------------------- loop
 
 def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
@@ -325,7 +384,7 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
              record: str | os.PathLike | None = None, record_fps: float | None = None,
              save_meshes: str | os.PathLike | None = None,
              stats_json: str | os.PathLike | None = None, stats_interval_s: float = 2.0,
-             out: TextIO | None = None) -> dict:
+             web=None, out: TextIO | None = None) -> dict:
     """Run the live loop until the source ends, ``max_frames`` are processed, or the user
     quits (``q``, Esc, Ctrl-C). Returns the summary (see :meth:`LiveStats.summary`).
 
@@ -349,6 +408,11 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
         (and the ``s`` key's snapshots as ``.obj``).
     stats_json : path, optional
         Write the summary plus one record per frame (boxes, mesh sizes, timings).
+    web : publisher, optional
+        Anything with ``publish(item, stats)`` (the live web view,
+        :class:`vrn.viewer.server.WebViewServer`): called on the display thread with
+        each :class:`LiveFrame` and the run's :class:`LiveStats`; it must not block.
+        The caller starts and closes it.
     """
     out = out or sys.stdout
     mesh_dir = Path(save_meshes) if save_meshes else None
@@ -360,49 +424,15 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
     stop = threading.Event()
     worker = _PipelineWorker(grabber, tracker, reconstructor, results, stop, max_frames)
     display = None if headless else _Display()
-    ended = "source ended"
-    view = VIEWS[0]
-    last_print = time.perf_counter()
     with contextlib.ExitStack() as stack:
         recorder = (_Recorder(record, record_fps or grabber.fps or 15.0, stack)
                     if record else None)
+        stage = _DisplayStage(stats, grabber, display=display, recorder=recorder,
+                              mesh_dir=mesh_dir, web=web, headless=headless,
+                              stats_interval_s=stats_interval_s, out=out)
         worker.start()
         try:
-            while True:
-                try:
-                    item = results.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    ended = worker.ended
-                    break
-                extra = {}
-                canvas = None
-                if display is not None or recorder is not None:
-                    start = time.perf_counter()
-                    canvas = compose_view(item.frame.image, item, view=view,
-                                          hud=hud_lines(stats, view, len(item.result.faces)))
-                    extra["render"] = (time.perf_counter() - start) * 1e3
-                stats.add(item, extra)
-                if recorder is not None:
-                    recorder.write(canvas)
-                if mesh_dir is not None:
-                    _save_frame_meshes(item, mesh_dir, "ply")
-                if display is not None:
-                    key = display.show(canvas)
-                    if key == "q":
-                        ended = "user quit"
-                        break
-                    if key == "v":
-                        view = VIEWS[(VIEWS.index(view) + 1) % len(VIEWS)]
-                    elif key == "s":
-                        saved = _save_frame_meshes(item, mesh_dir or Path.cwd(), "obj")
-                        names = ", ".join(map(str, saved)) or "nothing (no face)"
-                        print(f"[vrn-live] saved {names}", file=out, flush=True)
-                now = time.perf_counter()
-                if headless and now - last_print >= stats_interval_s:
-                    print(stats.line(grabber.frames_dropped), file=out, flush=True)
-                    last_print = now
+            ended = _consume(results, worker, stage)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
             ended = interrupt_word(exc)
         finally:
@@ -415,11 +445,31 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
                 recorder.finish()
     if worker.error is not None:  # after the recording was finalised
         raise worker.error
+    return _finish(stats, grabber, ended, recorder, stats_json)
+
+
+def _consume(results: queue.Queue, worker: _PipelineWorker, stage: _DisplayStage) -> str:
+    """Hand the worker's results to the display stage until its end marker or the user
+    quits; returns why the loop ended."""
+    while True:
+        try:
+            item = results.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if item is _END:
+            return worker.ended
+        if not stage.handle(item):
+            return "user quit"
+
+
+def _finish(stats: LiveStats, grabber: FrameGrabber, ended: str, recorder: _Recorder | None,
+            stats_json: str | os.PathLike | None) -> dict:
+    """The run's summary, also written to ``stats_json`` with the per-frame records."""
     if grabber.error and ended == "source ended":
         ended = f"source ended: {grabber.error}"
     summary = stats.summary(ended=ended, dropped=grabber.frames_dropped,
                             frames_read=grabber.frames_read, reconnects=grabber.reconnects,
-                            record=str(record) if record else None,
+                            record=str(recorder.path) if recorder else None,
                             recorded_frames=recorder.frames if recorder else 0)
     if stats_json:
         write_text_atomic(stats_json, json.dumps(summary | {"per_frame": stats.records},
