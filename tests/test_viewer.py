@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from vrn.runtime.mesh import FaceMesh
+from vrn.runtime.mesh import FaceMesh, mesh_bytes
 from vrn.viewer.assets import model_label, script_json
-from vrn.viewer.encode import (decode_message, frame_message, merge_meshes, mesh_glb,
-                               mesh_message)
+from vrn.viewer.encode import decode_message, frame_message, merge_meshes, mesh_message
 from vrn.viewer.static_page import static_page
 
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -99,11 +98,12 @@ def test_static_page_is_self_contained_and_escaped():
     assert data["model"] == model and data["timings"] == {"infer": 12.5}
     assert (data["photo"]["width"], data["photo"]["height"]) == (320, 240)
     glb = base64.b64decode(data["mesh"]["glb"])
-    assert glb == mesh_glb(mesh)
+    assert glb == mesh_bytes(mesh, "glb")
     loaded = trimesh.load(trimesh.util.wrap_as_stream(glb), file_type="glb", process=False,
                           force="mesh")
-    assert np.allclose(loaded.vertices, mesh.vertices, atol=1e-4)
-    assert np.array_equal(loaded.faces, mesh.faces)
+    # glTF's frame: y up, and the mirror undone by reversing each triangle's winding
+    assert np.allclose(loaded.vertices, mesh.vertices * [1, -1, 1], atol=1e-4)
+    assert np.array_equal(loaded.faces, mesh.faces[:, ::-1])
     assert script_json("</script>") == '"\\u003c/script\\u003e"'
 
 
@@ -196,6 +196,7 @@ def test_static_page_in_chromium(browser, astronaut_page):
 
     page, glb_path = astronaut_page
     glb = trimesh.load(glb_path, process=False, force="mesh")
+    photo_vertices = glb.vertices * [1, -1, 1]  # the GLB is in glTF's y-up frame
     browser.get(page.as_uri())
     wait_for(browser, "return document.documentElement.dataset.rendered === 'true'",
              what="the static page")
@@ -216,7 +217,7 @@ def test_static_page_in_chromium(browser, astronaut_page):
     rng = np.random.default_rng(0)
     picked = rng.choice(len(glb.vertices), 400, replace=False)
     points = browser.execute_script("return window.vrnViewer.projectToView(arguments[0])",
-                                    glb.vertices[picked].tolist())
+                                    photo_vertices[picked].tolist())
     xy = np.rint(np.array(points)[:, :2]).astype(int)
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
     assert inside.all()
@@ -244,8 +245,8 @@ def test_static_page_in_chromium(browser, astronaut_page):
     changed = np.abs(with_mesh - photo_only).sum(2) > 30
     ys, xs = np.nonzero(changed)
     scale = with_mesh.shape[1] / 512
-    box = np.array([glb.vertices[:, 0].min(), glb.vertices[:, 1].min(),
-                    glb.vertices[:, 0].max(), glb.vertices[:, 1].max()]) * scale
+    box = np.array([photo_vertices[:, 0].min(), photo_vertices[:, 1].min(),
+                    photo_vertices[:, 0].max(), photo_vertices[:, 1].max()]) * scale
     seen = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
     assert np.abs(seen - box).max() < 0.05 * (box[2] - box[0]), (seen, box)
 

@@ -38,13 +38,21 @@ class FaceMesh:
                                process=False)
 
 
-def save_mesh(mesh: FaceMesh, path: str | os.PathLike) -> Path:
-    """Write ``mesh`` atomically; the format follows the suffix (``.obj`` lines are
-    ``v x y z r g b`` with colours in [0, 1], ``.ply``, ``.glb``)."""
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
+GLTF_FRAME = np.array([1, -1, 1], np.float32)  # photo pixels -> glTF's y-up frame
+
+
+def mesh_bytes(mesh: FaceMesh, fmt: str) -> bytes:
+    """``mesh`` as the contents of a ``fmt`` file (one of :data:`MESH_FORMATS`).
+
+    OBJ (lines ``v x y z r g b``, colours in [0, 1]) and PLY keep photo pixels (x right,
+    y down, z toward the camera). GLB follows glTF, whose y axis points up: its vertices
+    are ``(x, -y, z)`` and each triangle's winding is reversed to undo the mirror, so
+    glTF viewers show the face upright with its outside out.
+    """
     if fmt not in MESH_FORMATS:
-        raise ValueError(f"{path}: unsupported mesh format {fmt!r}; use one of {MESH_FORMATS}")
+        raise ValueError(f"unsupported mesh format {fmt!r}; use one of {MESH_FORMATS}")
+    if fmt == "glb":
+        mesh = FaceMesh(mesh.vertices * GLTF_FRAME, mesh.faces[:, ::-1], mesh.colors)
     tm = mesh.to_trimesh()
     try:
         if fmt == "obj":
@@ -57,5 +65,15 @@ def save_mesh(mesh: FaceMesh, path: str | os.PathLike) -> Path:
         # at it), so its float64 copies of the arrays would wait for a full garbage
         # collection: dozens of them pile up while vrn-live saves a mesh per frame.
         vars(tm).clear()
-    write_bytes_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+def save_mesh(mesh: FaceMesh, path: str | os.PathLike) -> Path:
+    """Write ``mesh`` atomically; the format follows the suffix (see :func:`mesh_bytes`:
+    ``.obj`` and ``.ply`` in photo pixels, ``.glb`` in glTF's y-up frame)."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in MESH_FORMATS:
+        raise ValueError(f"{path}: unsupported mesh format {fmt!r}; use one of {MESH_FORMATS}")
+    write_bytes_atomic(path, mesh_bytes(mesh, fmt))
     return path

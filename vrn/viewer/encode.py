@@ -1,4 +1,5 @@
-"""What the browser is sent: JPEG photos and frames, binary mesh messages, GLB files.
+"""What the browser is sent: JPEG photos and frames, and binary mesh messages (GLB files
+come from :func:`vrn.runtime.mesh.mesh_bytes`).
 
 Binary messages (the live page's WebSocket) are one layout, read by ``parseMessage`` in
 ``static/viewer.js``::
@@ -44,17 +45,6 @@ def encode_jpeg(image: np.ndarray, *, quality: int = 85,
     if not ok:
         raise ValueError("JPEG encoding failed")
     return data.tobytes()
-
-
-def mesh_glb(mesh: FaceMesh) -> bytes:
-    """``mesh`` as a binary glTF (GLB) file: positions float32, indices uint32, colours
-    ``COLOR_0`` uint8 RGBA (normalised), as :func:`vrn.runtime.mesh.save_mesh` writes
-    ``.glb``; coordinates stay in photo pixels (y down)."""
-    tm = mesh.to_trimesh()
-    try:
-        return tm.export(file_type="glb")
-    finally:
-        vars(tm).clear()  # break trimesh's reference cycle now (see save_mesh)
 
 
 def _message(tag: bytes, header: dict, sections: dict[str, bytes]) -> bytes:

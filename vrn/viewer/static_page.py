@@ -18,7 +18,8 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..runtime.mesh import FaceMesh
 from .assets import fill_page, import_map, read_static, script_json
-from .encode import encode_jpeg, mesh_glb
+from ..runtime.mesh import mesh_bytes
+from .encode import encode_jpeg
 
 PHOTO_MAX_SIDE = 1600
 PHOTO_QUALITY = 88
@@ -52,7 +53,7 @@ def static_page(mesh: FaceMesh, photo: np.ndarray, *, timings_ms: dict[str, floa
             "timings": {k: round(float(v), 3) for k, v in timings_ms.items()},
             "photo": {"width": w, "height": h, "jpeg": base64.b64encode(
                 encode_jpeg(photo, quality=PHOTO_QUALITY, max_side=PHOTO_MAX_SIDE)).decode()},
-            "mesh": {"glb": base64.b64encode(mesh_glb(mesh)).decode()}}
+            "mesh": {"glb": base64.b64encode(mesh_bytes(mesh, "glb")).decode()}}
     script = (read_static("viewer.js").decode("utf-8")
               + "\nshowStatic(JSON.parse(document.getElementById('vrn-data').textContent));\n")
     return fill_page(title=title, import_map=import_map(_data_url), script=script,

@@ -5,7 +5,8 @@
 // - The live page (`vrn-live --web`) imports it from the server and calls startLive(),
 //   which reads JPEG frames, mesh messages and stats from a WebSocket.
 //
-// Meshes arrive in photo pixels: x right, y down, z toward the camera; vertices (N, 3)
+// Meshes arrive in photo pixels: x right, y down, z toward the camera (a GLB in glTF's
+// y-up frame, (x, -y, z)); vertices (N, 3)
 // float32 (GLB) or uint16 quantised (live: x = origin + q * scale), triangles (M, 3)
 // uint32, colours (N, 3 or 4) uint8 sRGB. The buffers go to the GPU as they came: the
 // object's transform dequantises and turns them into the scene's (x, -y, z) (three.js is
@@ -87,8 +88,10 @@ export function parseGLB(buffer) {
     colors = c.array instanceof Uint8Array ? c.array
       : Uint8Array.from(c.array, (v) => Math.round(Math.min(Math.max(v, 0), 1) * 255));
   }
+  // A GLB is in glTF's y-up frame, (x, -y, z) photo pixels with its winding reversed:
+  // scale y by -1 and meshTransform's photo-to-scene flip cancels out.
   return {
-    positions: positions.array, origin: [0, 0, 0], scale: [1, 1, 1], indices, colors,
+    positions: positions.array, origin: [0, 0, 0], scale: [1, -1, 1], indices, colors,
     colorStride,
   };
 }
