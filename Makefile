@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test clean browser
+.PHONY: setup demo test test-all clean browser
 
 setup: $(VENV)/.installed
 
@@ -23,9 +23,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/vrn-reconstruct --sample -o $(OUT) --preview
+	$(VENV)/bin/vrn-reconstruct --sample -o $(OUT) --formats obj,html --preview
+
+# `make test`: ruff, then every test not marked slow (under 5 minutes on 2 cores). CI (the
+# CI variable set, as .ci/run does) and `make test-all` run every test.
+PYTEST_MARKS := $(if $(CI),,-m "not slow")
 
 test: setup browser
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_MARKS)
+
+test-all: setup browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # Chromium and chromedriver for the browser tests (tests/test_viewer.py, test_web.py),
