@@ -34,6 +34,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM are ignored (main thread only): the clean-up
+    after a first interrupt (joining threads, finalising a recording) must not be cut
+    short by a second one, which would lose the recording or abort the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_interrupts() -> None:
+    """From now on, ignore Ctrl-C and SIGTERM (main thread only): for a command that was
+    interrupted, has finalised its outputs and is on its way out."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # The word a command reports an interrupt with, and its exit code.
 EXIT_CODES = {"interrupted": INTERRUPT_EXIT, "terminated": TERMINATE_EXIT}
 

@@ -37,7 +37,7 @@ import numpy as np
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import VRNError
 from ..metrics import PERCENTILES, summarize
-from ..signals import interrupt_word
+from ..signals import interrupt_word, interrupts_deferred
 from .capture import Frame, FrameGrabber
 from .mesh import save_mesh
 from .tracking import FaceTracker, Track
@@ -436,13 +436,14 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
             ended = interrupt_word(exc)
         finally:
-            stop.set()
-            grabber.stop()
-            worker.join(timeout=10.0)
-            if display is not None:
-                display.close()
-            if recorder is not None:
-                recorder.finish()
+            with interrupts_deferred():  # a second Ctrl-C must not cut the clean-up
+                stop.set()
+                grabber.stop()
+                worker.join(timeout=10.0)
+                if display is not None:
+                    display.close()
+                if recorder is not None:
+                    recorder.finish()
     if worker.error is not None:  # after the recording was finalised
         raise worker.error
     return _finish(stats, grabber, ended, recorder, stats_json)
