@@ -351,6 +351,7 @@ def start_live(argv: list[str]) -> tuple[subprocess.Popen, list[str]]:
     return proc, lines
 
 
+@pytest.mark.slow
 def test_live_page_in_chromium(browser, tmp_path):  # noqa: F811
     """``vrn-live --web`` on a test video (the shipped model): the page gets at least
     half the frames and meshes and shows the FPS, while a second page comes and goes
