@@ -8,6 +8,10 @@ OUT ?= out
 
 setup: $(VENV)/.installed
 
+# ONNX Runtime: the `gpu` extra (onnxruntime-gpu) where an NVIDIA driver is, else `cpu`
+# (onnxruntime); the two packages must not be installed together.
+ORT_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
 # torch first: the CPU build where there is no NVIDIA driver (a plain `torch` pulls a
 # multi-GB CUDA build); a local wheel of torch 2.13.0 is used where pip can find one.
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null || \
 		$(PY) -m pip install -q --retries 1 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,$(ORT_EXTRA)]"
 	touch $@
 
 demo: setup

@@ -382,3 +382,51 @@ def test_guided_torch_and_onnxruntime_agree_on_the_sample_face(guided_backends, 
     # A torch tensor of landmarks is taken as well.
     again = guided_backends["torch"].infer(crops, torch.from_numpy(landmarks))
     assert np.array_equal(again, torch_volume)
+
+
+# ------------------------------------------------------------ issue 15 (GPU readiness)
+
+def test_tensorrt_provider_profile_maximum_comes_from_the_graph(ort_backend, tmp_path,
+                                                               monkeypatch):
+    """Finding 9: the ONNX Runtime TensorRT provider's profile runs from batch 1 (also
+    its optimum) to the batch the graph was exported for, not a fixed 4."""
+    import onnx
+
+    from vrn.runtime.backends import onnxruntime_backend
+    from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, _GraphFacts
+
+    proto = onnx.load(str(ort_backend.path))
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        "max_batch": "3"})
+    path = tmp_path / "max3.onnx"
+    onnx.save(proto, str(path))
+    monkeypatch.setattr(onnxruntime_backend, "device_buffers",
+                        lambda device_id=0: _NumpyBuffers({}))
+    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
+    providers = backend._provider_list("tensorrt", 1, tmp_path, True, _GraphFacts(path))
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider" and options["device_id"] == "1"
+    assert options["trt_profile_min_shapes"] == "image:1x3x192x192"
+    assert options["trt_profile_opt_shapes"] == "image:1x3x192x192"
+    assert options["trt_profile_max_shapes"] == "image:3x3x192x192"
+    assert providers[1][1]["device_id"] == "1"  # the CUDA provider on the same device
+    assert _GraphFacts(ort_backend.path).max_batch == 4  # no metadata: the export default
+
+
+def test_torch_cuda_volume_is_contiguous_in_the_network_dtype(small_model, batch):
+    """Finding 9: on the CUDA path the volume for the device is C-contiguous (D, H, W)
+    in the network's dtype (no float32 copy); the host gets float32. The CUDA path's
+    code runs here on the CPU, whose fp16 convolutions torch also has."""
+    import copy
+
+    backend = TorchBackend(copy.deepcopy(small_model), device="cpu")
+    reference = backend.infer(batch[:1])
+    backend.device, backend.dtype = "cuda", torch.float16  # the CUDA code path, on the CPU
+    backend.model = backend.model.to(dtype=torch.float16, memory_format=torch.channels_last)
+    volume = backend.infer(torch.from_numpy(batch[:1]), on_device=True)
+    assert volume.dtype == torch.float16 and volume.is_contiguous()
+    assert tuple(volume.shape) == (1, 8, 192, 192)
+    host = backend.infer(batch[:1])
+    assert host.dtype == np.float32 and host.flags.c_contiguous
+    assert np.mean((host > 0.5) == (reference > 0.5)) > 0.95
+    assert backend.device_id is None  # a CPU backend has no CUDA device

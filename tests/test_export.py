@@ -11,6 +11,7 @@ compute with ONNX Runtime, run by the real TensorRT backend over NumPy "device" 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -32,13 +33,14 @@ from vrn.export.engine_file import EngineMetadata, GpuInfo, check_engine, write_
 from vrn.export.onnx_export import ChannelAffine, export_onnx, fold_batch_norms
 from vrn.model import (NUM_LANDMARKS, VRN, BatchNorm2d, VRNConfig, VRNGuided, VRNMultitask,
                        load_model, random_model, save_checkpoint, set_bn_mode)
-from vrn.runtime.backends import tensorrt_backend
+from vrn.runtime.backends import cuda_arrays, tensorrt_backend
 from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
 from vrn.runtime.backends.torch_backend import TorchBackend
 from vrn.runtime.pipeline import sample_face_crops
 
-from fakes.tensorrt import FakeBuild, HostBuffers, fake_tensorrt
+from fakes.tensorrt import (FakeBuild, GraphHostBuffers, fake_tensorrt,
+                           install_fake_gpu)
 
 SMALL = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
                   residuals_b_innermost=1, out_depth=8, input_size=32)
@@ -320,19 +322,59 @@ def test_compare_figures():
 
 
 def test_parity_report_targets_and_floors():
-    row = parity.ParityRow("a", 1, max_abs=2e-4, mean_abs=1e-5, iou=0.99)
+    row = parity.ParityRow("a", 1, max_abs=2e-4, mean_abs=1e-5, iou=0.985)
     fp32 = parity.ParityReport("fp32", "fp32", [row])
     assert not fp32.passed and fp32.sane
     half = parity.ParityReport("fp16", "fp16", [row])
     assert not half.passed and half.sane
     half.rows.append(parity.ParityRow("b", 1, max_abs=0.5, mean_abs=0.1, iou=0.5))
     assert not half.sane
-    good = parity.ParityReport("fp16", "fp16", [parity.ParityRow("a", 1, 1e-3, 1e-4, 0.999)])
-    assert good.passed and good.to_dict()["passed"]
+    good = parity.ParityReport("fp16", "fp16", [parity.ParityRow("a", 1, 1e-3, 1e-4, 0.995)])
+    assert good.passed and good.to_dict()["passed"] and parity.FP16_MIN_IOU == 0.99
     table = parity.format_table([fp32, good])
     assert "FAIL" in table and "pass" in table
     with pytest.raises(ValueError):
         parity.check_parity(lambda x: x, lambda x: x, [], name="x", precision="int8")
+
+
+def test_fp16_gate_judges_face_crops_and_random_inputs_only_for_finiteness():
+    """Finding 2: the fp16 gate compares fp16 with fp32 on real face crops (and the
+    batch with its single images); random inputs only have to be finite."""
+    rows = [parity.ParityRow("random 0", 1, 0.3, 1e-3, 0.90, "random"),
+            parity.ParityRow("face 0", 1, 2e-3, 1e-5, 0.995, "face"),
+            parity.ParityRow("batch of 2", 2, 1e-3, 1e-6, 1.0, "batch")]
+    gate = parity.ParityReport("TensorRT fp16 vs PyTorch", "fp16", rows)
+    assert gate.passed and gate.sane
+    assert gate.gate_iou == 0.995 and gate.min_iou == 0.90
+    assert "face crops" in gate.criterion and "random inputs: finite" in gate.criterion
+    assert gate.to_dict()["gate_iou"] == 0.995
+    assert [r["kind"] for r in gate.to_dict()["rows"]] == ["random", "face", "batch"]
+    rows[0].max_abs = float("inf")  # a random input overflows: fails, even untrained
+    assert not gate.passed and not gate.sane
+    rows[0].max_abs = 0.3
+    rows[2].iou = 0.98  # the batch disagrees with the same images one at a time
+    assert not gate.passed and gate.sane
+    rows[2].iou = 1.0
+    rows[1].iou = 0.985  # the face misses the target
+    assert not gate.passed
+    # Without a face crop (a model without RGB input) every row is judged.
+    randoms = parity.ParityReport("x", "fp16", [parity.ParityRow("r", 1, 0.1, 1e-3, 0.98,
+                                                                 "random")])
+    assert not randoms.passed and "every input" in randoms.criterion
+
+
+def test_face_crop_variants_are_the_pipelines_crops_of_the_sample_photo():
+    crops, landmarks = parity.face_crop_variants(48)
+    assert crops.shape == (3, 3, 48, 48) and landmarks.shape == (3, 68, 3)
+    assert crops.dtype == landmarks.dtype == np.float32
+    assert 0 <= crops.min() and crops.max() <= 1
+    assert not np.array_equal(crops[0], crops[1])  # other boxes, other crops
+    again, _ = parity.face_crop_variants(48)
+    again[0] = 0  # a copy each call: the cache is not changed
+    assert np.array_equal(parity.face_crop_variants(48)[0], crops)
+    inputs = parity.parity_inputs(3, 48, random_count=1, faces=parity.face_crop_variants)
+    assert [(i.label, i.kind) for i in inputs] == [("random 0", "random"), ("face 0", "face"),
+                                                   ("face 1", "face"), ("face 2", "face")]
 
 
 def test_parity_inputs():
@@ -530,15 +572,7 @@ def test_layer_precisions_from_inspector_json():
 @pytest.fixture
 def fake_gpu_build(monkeypatch, tensorrt_module):
     """TensorRT and a GPU, faked: returns the :class:`FakeBuild` in use."""
-    build = FakeBuild()
-    monkeypatch.setitem(sys.modules, "tensorrt", build.module())
-    engine_file.tensorrt_runtime.cache_clear()
-    tensorrt_lib.tensorrt_logger.cache_clear()
-    for module in (engine_file, tensorrt_build, exporter):
-        monkeypatch.setattr(module, "current_gpu", lambda device=0: GPU)
-    monkeypatch.setattr(tensorrt_backend, "device_buffers",
-                        lambda device_id=0: HostBuffers(build.arrays))
-    return build
+    return install_fake_gpu(monkeypatch, FakeBuild(), GPU)
 
 
 def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_build,
@@ -551,10 +585,15 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
                      "landmarks.onnx", "timing.cache", "vrn.fp16.engine",
                      "vrn.fp16.engine.json", "vrn.fp16.onnx", "vrn.onnx"]
     # Both engines were checked on the TensorRT backend's engine runner: the VRN's on
-    # three images and one batch of three, the landmark stage's on one batch.
-    assert fake_gpu_build.executions == 5
-    rows = report["parity"]["TensorRT fp16 vs ONNX Runtime"]["rows"]
-    assert [r["label"] for r in rows] == ["random 0", "random 1", "random 2", "batch of 3"]
+    # three random images, the sample photo's three face crops and one batch of three,
+    # against PyTorch fp32; the landmark stage's on one batch.
+    assert fake_gpu_build.executions == 8
+    gate = report["parity"]["TensorRT fp16 vs PyTorch"]
+    assert [r["label"] for r in gate["rows"]] == ["random 0", "random 1", "random 2",
+                                                  "face 0", "face 1", "face 2", "batch of 3"]
+    assert [r["kind"] for r in gate["rows"]] == ["random"] * 3 + ["face"] * 3 + ["batch"]
+    # The stand-in engine computes like fp16 (perturbed, float16-rounded output).
+    assert 0 < gate["max_abs"] < 1e-2 and gate["sane"]
     # Two builds: the VRN's engine, then the landmark stage's (fp32, input "crop").
     starts = [i for i, c in enumerate(fake_gpu_build.calls) if c[0] == "create_network"]
     assert len(starts) == 2
@@ -563,17 +602,17 @@ def test_engine_build_through_the_exporter(small_weights, fast_export, fake_gpu_
     calls = dict((c[0], c[1:]) for c in fake_gpu_build.calls[:starts[1]])
     assert calls["create_network"] == (1 << 1,)  # STRONGLY_TYPED on 10.x
     assert calls["workspace"] == ("workspace", int(1.5 * 2**30))
-    assert calls["profile"] == ({"image": ((1, 3, 32, 32), (3, 3, 32, 32), (3, 3, 32, 32))},)
+    # Tuned for batch 1 (live use), up to the graph's batch 3 (finding 9).
+    assert calls["profile"] == ({"image": ((1, 3, 32, 32), (1, 3, 32, 32), (3, 3, 32, 32))},)
     assert calls["verbosity"] == ("detailed",)
     assert "clear_flag" not in calls  # TF32 is only switched off for fp32 graphs
     meta = check_engine(out / "vrn.fp16.engine", onnx=out / "vrn.fp16.onnx",
                         tensorrt_version="10.3.0", gpu=GPU)
     assert meta.precision == "fp16" and meta.layer_precisions == {"fp16": 1, "fp32": 1}
-    assert meta.batch == {"min": 1, "opt": 3, "max": 3}
+    assert meta.batch == {"min": 1, "opt": 1, "max": 3}
     assert meta.inputs[0] == {"name": "image", "shape": [-1, 3, 32, 32], "dtype": "float32"}
     assert meta.model_info["architecture"] == "VRN" and meta.model_info["precision"] == "fp16"
     assert report["engine"]["engine_sha256"] == meta.engine_sha256
-    assert report["parity"]["TensorRT fp16 vs ONNX Runtime"]["max_abs"] == 0.0
     assert report["files"]["vrn.fp16.engine"]["bytes"] == meta.engine_bytes
     assert (out / "timing.cache").read_bytes() == b"fresh++"  # both builds share it
     # the engine loads through the one loader, and a rebuild reuses the timing cache
@@ -713,7 +752,7 @@ def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
     assert saved["inputs"] == [{"name": "image", "shape": ["batch", 3, 32, 32],
                                 "dtype": "float32"}]
     assert saved["outputs"][0]["shape"] == ["batch", 8, 32, 32]
-    assert saved["batch"] == {"min": 1, "max": 3} and saved["bn_mode"] == "instance"
+    assert saved["batch"] == {"min": 1, "opt": 1, "max": 3} and saved["bn_mode"] == "instance"
     assert saved["model"]["architecture"] == "VRN" and saved["model"]["trained"] is False
     assert saved["model"]["config"] == SMALL.to_dict()
     assert saved["engine"] is None
@@ -721,7 +760,7 @@ def test_exporter_writes_files_and_report(small_weights, fast_export, tmp_path):
                                                   "fp16 parity", "landmarks"]
     assert saved["parity"]["ONNX fp32 vs PyTorch"]["passed"]
     assert saved["parity"]["ONNX fp32 vs PyTorch"]["max_abs"] < 1e-4
-    rows = saved["parity"]["ONNX fp16 vs PyTorch"]["rows"]
+    rows = saved["parity"]["ONNX fp16 emulated vs PyTorch"]["rows"]
     assert [r["label"] for r in rows] == ["random 0", "random 1", "random 2", "face 0",
                                           "batch of 3"]
     text = "".join(lines)
@@ -800,7 +839,7 @@ def test_fp16_target_is_enforced_for_trained_weights_only(small_weights, fast_ex
     monkeypatch.setattr(parity, "FP16_MIN_IOU", 1.01)  # unreachable
     report = Exporter(tmp_path / "a", fp16=True, engine="no",
                       out=_Lines([])).export(small_weights)
-    fp16_report = report["parity"]["ONNX fp16 vs PyTorch"]
+    fp16_report = report["parity"]["ONNX fp16 emulated vs PyTorch"]
     assert not fp16_report["passed"] and fp16_report["sane"] and not fp16_report["enforced"]
     assert any("untrained" in note for note in report["notes"])
     model = load_model(small_weights)
@@ -808,7 +847,7 @@ def test_fp16_target_is_enforced_for_trained_weights_only(small_weights, fast_ex
     trained = tmp_path / "trained.safetensors"
     save_checkpoint(model, trained, info=model.info)
     report = Exporter(tmp_path / "b", fp16=True, engine="no", out=_Lines([])).export(trained)
-    assert "ONNX fp16 vs PyTorch: parity check failed" in report["failed"][0]["error"]
+    assert "ONNX fp16 emulated vs PyTorch: parity check failed" in report["failed"][0]["error"]
     assert not (tmp_path / "b" / "vrn.fp16.onnx").exists()
     assert (tmp_path / "b" / "vrn.onnx").is_file()
 
@@ -919,10 +958,368 @@ def test_full_model_export_fp32_fp16_dynamic_batch(tmp_path):
     fp32 = report["parity"]["ONNX fp32 vs PyTorch"]
     assert fp32["passed"] and fp32["max_abs"] < 1e-4
     assert [r["label"] for r in fp32["rows"]] == ["random 0", "face 0", "batch of 2"]
-    half = report["parity"]["ONNX fp16 vs PyTorch"]
-    assert half["sane"] and half["min_iou"] > 0.99
+    half = report["parity"]["ONNX fp16 emulated vs PyTorch"]
+    # Seeded random (untrained) weights: the volume hovers near 0.5, so fp16 rounding,
+    # now emulated for real, flips more voxels (IoU 0.987) than trained weights do; the
+    # gate is reported, not enforced, and gross errors would fall far below.
+    assert half["sane"] and not half["enforced"] and half["min_iou"] > 0.98
     assert report["files"]["vrn.onnx"]["bytes"] < 2**31
     session = ort.InferenceSession(str(tmp_path / "vrn.fp16.onnx"),
                                    providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == session.get_outputs()[0].type == "tensor(float)"
     print("".join(lines))
+
+
+# --- ready for the first GPU host (issue 15) ---------------------------------------------
+# Findings 2 (the fp16 gate), 3 (the engine check's buffers, said before the build), 5
+# (device ids), 7 (CUDA graphs), 9 (engine defaults) and 10 (a stricter stand-in).
+
+def plane_weights(folder, *, trained: bool = True):
+    """A small VRN whose volume is a wall at one depth whatever the image (head weights
+    zero, biases from +4 to -4 along depth): sharp occupancy, as trained weights give,
+    so fp16 rounding flips no voxel; saved with ``trained`` in its metadata."""
+    model = random_model(seed=5, config=SMALL)
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.linspace(4.0, -4.0, SMALL.out_depth))
+    path = folder / "plane.safetensors"
+    save_checkpoint(model, path)
+    model = load_model(path)
+    model.info.trained = trained
+    save_checkpoint(model, path, info=model.info)
+    return path
+
+
+def fp16_chain() -> onnx.ModelProto:
+    """x -> Relu (reads the input: stays fp32) -> * 300 -> * 300 -> * 0.001 (fp16)."""
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n)
+              for n, v in (("a", 300.0), ("b", 300.0), ("c", 1e-3))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "a"], ["p"]),
+             helper.make_node("Mul", ["p", "b"], ["q"]), helper.make_node("Mul", ["q", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_fp16_emulation_rounds_and_overflows_like_fp16():
+    """Finding 2: the CPU fp16 check must see fp16 arithmetic. The emulated graph rounds
+    every fp16 tensor to fp16 (fp32 arithmetic between), bit for bit what NumPy's float16
+    gives, and overflows past 65504 as fp16 does."""
+    half, _ = fp16.convert_to_fp16(fp16_chain())
+    emulated = fp16.emulate_fp16(half)
+    # Nothing computes in fp16 any more: only the rounding Casts hold fp16 tensors.
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in emulated.graph.initializer)
+    to_fp16 = [n for n in emulated.graph.node
+               if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16]
+    assert len(to_fp16) == 4  # a rounding after the input's cast and after each Mul
+    assert [v.name for v in emulated.graph.output] == ["y"]
+    fp16.check_io_float32(emulated)
+    x = np.array([0.1, 1 / 3, 0.7, 1.0], np.float32)
+    got = run_onnx_proto_named(emulated, {"x": x})
+    h = np.float16
+    with np.errstate(over="ignore"):  # fp32 products, each rounded to fp16 (inf past 65504)
+        expected = ((h(x) * h(300)).astype(h) * h(300)).astype(h) * h(1e-3)
+    assert np.array_equal(got[:3], expected[:3].astype(np.float32))
+    assert got[3] == np.inf  # 1 * 300 * 300 = 90000 > 65504: fp16 overflows
+    exact = x * np.float32(300) * np.float32(300) * np.float32(1e-3)
+    assert not np.array_equal(got[:3], exact[:3])  # the rounding shows
+
+
+def run_onnx_proto_named(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_default_weights_pass_the_fp16_gate_in_emulation(tmp_path):
+    """The measurement behind FP16_MIN_IOU (docs/deploy.md): the default weights' fp16
+    graph, its fp16 rounding emulated, against PyTorch fp32 on the sample photo's three
+    face crops: IoU 0.9998 measured, far above the 0.99 gate."""
+    model = load_model()
+    path = export_onnx(model, tmp_path / "vrn.onnx", max_batch=1).path
+    half, _ = fp16.convert_to_fp16(onnx.load(str(path)))
+    session = ort.InferenceSession(fp16.emulate_fp16(half).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    crops, landmarks = parity.face_crop_variants(model.config.input_size)
+    for crop, lm in zip(crops, landmarks):
+        with torch.no_grad():
+            reference = model(torch.from_numpy(crop[None]), torch.from_numpy(lm[None])).numpy()
+        got = session.run(None, {"image": crop[None], "landmarks": lm[None]})[0]
+        assert np.isfinite(got).all()
+        assert parity.occupancy_iou(reference, got) >= parity.FP16_MIN_IOU + 0.009
+
+
+def test_failed_engine_gate_keeps_a_rejected_engine_and_accept_parity_keeps_it(
+        fake_gpu_build, tmp_path):
+    """Finding 2: an fp16 engine that misses the gate (the stand-in's fp16 noise turned
+    up) is kept as vrn.fp16.engine.rejected with its sidecar and parity report, not
+    thrown away; --accept-parity publishes it, recorded as accepted; a later checked
+    engine removes the rejected one."""
+    weights = plane_weights(tmp_path)
+    out = tmp_path / "out"
+    fake_gpu_build.fp16_noise = 0.3
+    report = Exporter(out, fp16=True, max_batch=2, out=_Lines([])).export(weights)
+    assert report["parity"]["ONNX fp16 emulated vs PyTorch"]["passed"]  # the graph is fine
+    failed = {item["target"]: item["error"] for item in report["failed"]}
+    assert "kept as vrn.fp16.engine.rejected" in failed["TensorRT"]
+    assert "--accept-parity" in failed["TensorRT"]
+    names = {p.name for p in out.iterdir()}
+    assert {"vrn.fp16.engine.rejected", "vrn.fp16.engine.rejected.json",
+            "vrn.fp16.engine.rejected.parity.json"} <= names
+    assert "vrn.fp16.engine" not in names and report["engine"] is None
+    beside = json.loads((out / "vrn.fp16.engine.rejected.parity.json").read_text())
+    assert beside["name"] == "TensorRT fp16 vs PyTorch" and not beside["passed"]
+    assert beside["gate_iou"] < parity.FP16_MIN_IOU and "IoU@0.5" in beside["table"]
+    saved = json.loads((out / "export.json").read_text())
+    assert saved["parity"]["TensorRT fp16 vs PyTorch"]["passed"] is False
+    # The rejected engine is a whole engine: its sidecar matches it.
+    meta = EngineMetadata.from_json((out / "vrn.fp16.engine.rejected.json").read_text())
+    assert meta.engine_sha256 == engine_file.sha256_file(out / "vrn.fp16.engine.rejected")
+
+    lines = []
+    report = Exporter(out, fp16=True, max_batch=2, accept_parity=True,
+                      out=_Lines(lines)).export(weights)
+    assert report["failed"] == [] and report["engine"] is not None
+    gate = report["parity"]["TensorRT fp16 vs PyTorch"]
+    assert gate["accepted"] and not gate["passed"]
+    assert any("--accept-parity" in note for note in report["notes"])
+    assert "kept with --accept-parity" in "".join(lines)
+    names = {p.name for p in out.iterdir()}
+    assert "vrn.fp16.engine" in names and not any(".rejected" in n for n in names)
+
+    fake_gpu_build.fp16_noise = 5e-4  # fp16-sized errors: the gate passes
+    report = Exporter(out, fp16=True, max_batch=2, out=_Lines([])).export(weights)
+    gate = report["parity"]["TensorRT fp16 vs PyTorch"]
+    assert gate["passed"] and not gate["accepted"] and 0 < gate["max_abs"] < 1e-2
+
+
+def test_engine_check_names_its_buffers_before_the_build(small_weights, fast_export,
+                                                         fake_gpu_build, tmp_path, monkeypatch):
+    """Finding 3: what the engine's check runs on is said before the build starts, and
+    with no buffer provider at all the target fails before any build."""
+    lines = []
+    Exporter(tmp_path / "a", max_batch=2, out=_Lines(lines)).export(small_weights)
+    text = "".join(lines)
+    said = text.index("its check runs on host on cuda:0")
+    built = text.index("vrn.engine: TensorRT 10.3.0")
+    assert said < built
+    starts = [c for c in fake_gpu_build.calls if c[0] == "create_network"]
+    assert len(starts) == 2
+
+    def no_buffers(device_id=0):
+        raise BackendUnavailableError("GPU buffers need torch with CUDA or numba-cuda")
+
+    monkeypatch.setattr(cuda_arrays, "device_buffers", no_buffers)
+    fake_gpu_build.calls.clear()
+    report = Exporter(tmp_path / "b", max_batch=2, out=_Lines([])).export(small_weights)
+    error = {item["target"]: item["error"] for item in report["failed"]}["TensorRT"]
+    assert "cannot check a TensorRT engine here" in error and "numba-cuda" in error
+    assert not any(c[0] == "create_network" for c in fake_gpu_build.calls)  # no build
+    report = Exporter(tmp_path / "c", max_batch=2, verify=False,
+                      out=_Lines([])).export(small_weights)
+    assert report["engine"] is not None  # unchecked engines need no buffers
+
+
+def test_engine_build_and_run_honour_the_device(small_weights, fast_export, fake_gpu_build,
+                                                tmp_path):
+    """Finding 5: with device 1, the GPU asked about, the build, the deserialisation,
+    every execution context and every run are on device 1, and so are the buffers."""
+    out = tmp_path / "out"
+    report = Exporter(out, max_batch=2, device_id=1, out=_Lines([])).export(small_weights)
+    assert report["engine"] is not None and report["options"]["device_id"] == 1
+    kinds = {kind for kind, _ in fake_gpu_build.events}
+    assert {"build", "deserialize", "create_execution_context", "execute"} <= kinds
+    assert {device for _, device in fake_gpu_build.events} == {1}
+    assert set(fake_gpu_build.gpu_calls) == {1}
+    fake_gpu_build.events.clear()
+    backend = TensorRTBackend(out / "vrn.engine", device_id=1)
+    assert backend.device_id == 1 and backend.runner.buffers.device_id == 1
+    images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    backend.infer(images)
+    assert {device for _, device in fake_gpu_build.events} == {1}
+    assert fake_gpu_build.current_device == 0  # restored after each call
+
+
+def test_tensorrt_cuda_graphs_get_one_context_per_graph(small_onnx, fake_gpu_build, tmp_path,
+                                                        monkeypatch):
+    """Finding 7: each captured batch size has an execution context of its own, and
+    replays give the eager results."""
+    _, result = small_onnx
+    build = tensorrt_build.build_engine(result.path, tmp_path / "vrn.engine", max_batch=2,
+                                        precision="fp32")
+    monkeypatch.setattr(cuda_arrays, "device_buffers", lambda device_id=0: GraphHostBuffers(
+        fake_gpu_build.arrays, device_id))
+    eager = TensorRTBackend(build.engine_path)
+    graphs = TensorRTBackend(build.engine_path, cuda_graphs=True)
+    images = np.random.default_rng(1).random((3, 3, 32, 32), dtype=np.float32)
+    for _ in range(2):
+        assert np.array_equal(graphs.infer(images), eager.infer(images))  # chunks of 2 + 1
+    buffers = graphs.runner.buffers
+    assert buffers.captures == 2 and buffers.replays == 4
+    contexts = [graphs._graphs[n].context for n in (1, 2)]
+    assert contexts[0] is not contexts[1] and graphs.context not in contexts
+    assert {id(c) for c in contexts} <= {id(c) for c in fake_gpu_build.contexts}
+
+
+def test_failed_cuda_graph_capture_falls_back_to_eager(small_onnx, fake_gpu_build, tmp_path,
+                                                       monkeypatch):
+    """Finding 7: a capture that fails, or whose enqueue fails (which an error raised
+    inside the capture would mask), is a warning; that batch size then runs eagerly."""
+    _, result = small_onnx
+    path = tensorrt_build.build_engine(result.path, tmp_path / "vrn.engine", max_batch=2,
+                                       precision="fp32").engine_path
+    images = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
+    expected = TensorRTBackend(path).infer(images)
+
+    monkeypatch.setattr(cuda_arrays, "device_buffers", lambda device_id=0: GraphHostBuffers(
+        fake_gpu_build.arrays, device_id, fail_capture=True))
+    backend = TensorRTBackend(path, cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture of batch 2 failed"):
+        assert np.array_equal(backend.infer(images), expected)
+    assert backend._graphs[2] is None
+    assert np.array_equal(backend.infer(images), expected)  # eager, no second capture
+    assert backend.runner.buffers.captures == 1
+
+    class FailingEnqueue(GraphHostBuffers):
+        def capture(self, launch):
+            fake_gpu_build.fail_execute = True
+            try:
+                return super().capture(launch)
+            finally:
+                fake_gpu_build.fail_execute = False
+
+    monkeypatch.setattr(cuda_arrays, "device_buffers",
+                        lambda device_id=0: FailingEnqueue(fake_gpu_build.arrays, device_id))
+    backend = TensorRTBackend(path, cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="execute_async_v3 failed in the capture"):
+        assert np.array_equal(backend.infer(images), expected)
+
+
+def test_torch_buffers_capture_in_thread_local_mode():
+    """Finding 7: the capture runs in thread-local mode on the provider's stream (a
+    stand-in for torch.cuda records the call)."""
+    recorded = {}
+
+    class Graph:
+        pass
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, **kwargs):
+        recorded.update(kwargs, graph=cuda_graph)
+        yield
+
+    torch_stub = types.SimpleNamespace(cuda=types.SimpleNamespace(CUDAGraph=Graph, graph=graph))
+    buffers = cuda_arrays.TorchBuffers.__new__(cuda_arrays.TorchBuffers)
+    buffers.torch, buffers.stream = torch_stub, object()
+    launched = []
+    captured = buffers.capture(lambda: launched.append(True))
+    assert launched == [True] and recorded["graph"] is captured
+    assert recorded["capture_error_mode"] == "thread_local"
+    assert recorded["stream"] is buffers.stream
+
+
+def test_engine_profile_defaults_match_use(small_onnx, fake_gpu_build, tmp_path):
+    """Finding 9: the engine is tuned for batch 1 unless asked, its maximum is the
+    graph's, and an impossible profile is refused before TensorRT sees it."""
+    _, result = small_onnx
+    proto = onnx.load(str(result.path))
+    helper.set_model_props(proto, {"max_batch": "3"})
+    graph = tmp_path / "max3.onnx"
+    onnx_export.save_onnx(proto, graph)
+    assert tensorrt_build.graph_max_batch(graph) == 3
+    assert tensorrt_build.graph_max_batch(result.path) == onnx_export.DEFAULT_MAX_BATCH
+    build = tensorrt_build.build_engine(graph, tmp_path / "a.engine", precision="fp32")
+    assert build.metadata.batch == {"min": 1, "opt": 1, "max": 3}
+    build = tensorrt_build.build_engine(graph, tmp_path / "b.engine", precision="fp32",
+                                        opt_batch=2)
+    assert build.metadata.batch == {"min": 1, "opt": 2, "max": 3}
+    fake_gpu_build.calls.clear()
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        tensorrt_build.build_engine(graph, tmp_path / "c.engine", precision="fp32",
+                                    opt_batch=4)
+    assert fake_gpu_build.calls == []  # refused before TensorRT
+    with pytest.raises(ValueError, match="opt_batch"):
+        Exporter(tmp_path, max_batch=2, opt_batch=3)
+
+
+def test_stand_in_profiles_builds_and_timing_caches_fail_as_tensorrt_does(
+        small_onnx, fake_gpu_build, tmp_path):
+    """Finding 10: the stand-in refuses min > opt as the bindings do, and fails the build
+    and the timing cache on request; our code turns each into a clear outcome."""
+    _, result = small_onnx
+    trt = sys.modules["tensorrt"]
+    builder, network, _ = tensorrt_build.parse_network(trt, result.path)
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        tensorrt_build.builder_config(trt, builder, network, {"min": 2, "opt": 1, "max": 3},
+                                      workspace_gb=None, precision="fp32", source=result.path)
+    network.inputs.clear()  # nothing to profile: TensorRT's -1
+    with pytest.raises(EngineError, match="rejects the optimization profile"):
+        tensorrt_build.builder_config(trt, builder, network, {"min": 1, "opt": 1, "max": 3},
+                                      workspace_gb=None, precision="fp32", source=result.path)
+    fake_gpu_build.fail_build = True
+    with pytest.raises(EngineError, match="failed to build an engine"):
+        tensorrt_build.build_engine(result.path, tmp_path / "x.engine", precision="fp32")
+    assert not (tmp_path / "x.engine").exists() and not (tmp_path / "timing.cache").exists()
+    fake_gpu_build.fail_build = False
+    first = tensorrt_build.build_engine(result.path, tmp_path / "x.engine", precision="fp32")
+    assert not first.timing_cache_reused
+    assert tensorrt_build.build_engine(result.path, tmp_path / "x.engine",
+                                       precision="fp32").timing_cache_reused
+    for fault in ("corrupt", "mismatch"):
+        fake_gpu_build.timing_cache_fault = fault
+        build = tensorrt_build.build_engine(result.path, tmp_path / "x.engine",
+                                            precision="fp32")
+        assert not build.timing_cache_reused  # a fresh cache, and the build goes on
+        assert ("timing_cache", fault) in fake_gpu_build.calls
+
+
+def test_stand_in_context_checks_addresses_and_shapes(small_onnx, fake_gpu_build, tmp_path):
+    """Finding 10: the TensorRT backend's set_tensor_address / execute_async_v3 path runs
+    against a context that checks every address, shape, dtype and the stream."""
+    _, result = small_onnx
+    path = tensorrt_build.build_engine(result.path, tmp_path / "vrn.engine", max_batch=2,
+                                       precision="fp32").engine_path
+    runner = TensorRTBackend(path).runner
+    x = runner.buffers.upload(np.zeros((2, 3, 32, 32), np.float32))
+    shape = runner.set_shapes([x])
+    assert shape == (2, 8, 32, 32)
+    with pytest.raises(AssertionError):  # an output of the wrong shape
+        runner.execute([x], runner.buffers.empty((1, 8, 32, 32)))
+    with pytest.raises(AssertionError):  # an address TensorRT was never given memory at
+        runner.context.set_tensor_address("image", 12345)
+    assert not runner.context.set_input_shape("image", (3, 3, 32, 32))  # past the profile
+    fake_gpu_build.fail_execute = True
+    with pytest.raises(EngineError, match="execute_async_v3 failed"):
+        runner.execute([x], runner.buffers.empty(shape))
+
+
+def test_from_onnx_checks_an_fp16_engine_against_the_fp32_graph_beside_it(
+        small_weights, fast_export, fake_gpu_build, tmp_path):
+    """The fp16 engine of --from-onnx is checked against the fp32 graph of the same
+    export when export.json vouches for it; a lone fp16 file against itself, with a
+    note."""
+    out = tmp_path / "out"
+    Exporter(out, fp16=True, max_batch=2, engine="no", out=_Lines([])).export(small_weights)
+    report = Exporter(tmp_path / "b", max_batch=2, out=_Lines([])).export_from_onnx(
+        out / "vrn.fp16.onnx")
+    assert "TensorRT fp16 vs ONNX fp32" in report["parity"]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "vrn.fp16.onnx").write_bytes((out / "vrn.fp16.onnx").read_bytes())
+    report = Exporter(lone, max_batch=2, out=_Lines([])).export_from_onnx(lone / "vrn.fp16.onnx")
+    assert "TensorRT fp16 vs ONNX Runtime" in report["parity"]
+    assert any("no vrn.onnx of the same export" in note for note in report["notes"])
+
+
+def test_cli_engine_options(small_weights, fast_export, fake_gpu_build, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert export_main([str(small_weights), "-o", str(out), "--max-batch", "3",
+                        "--opt-batch", "2", "--device", "1", "--accept-parity"]) == 0
+    saved = json.loads((out / "export.json").read_text())
+    assert saved["options"]["opt_batch"] == 2 and saved["options"]["device_id"] == 1
+    assert saved["options"]["accept_parity"] is True
+    assert saved["engine"]["batch"] == {"min": 1, "opt": 2, "max": 3}
+    assert export_main([str(small_weights), "-o", str(tmp_path / "x"), "--max-batch", "2",
+                        "--opt-batch", "3"]) == 1
+    assert "opt_batch must be in [1, max_batch=2]" in capsys.readouterr().err

@@ -5,7 +5,16 @@ The kernels run under the Numba CUDA simulator, in a subprocess so that
 by this file's ``__main__``, run there, and reported back as JSON. The simulator runs
 the very kernels that run on hardware, at a few milliseconds per thread, so the volumes
 are tiny. A second test type-checks the kernels with ``numba.cuda.compile_ptx`` for a
-Jetson Orin (compute capability 8.7) and an H100 (9.0) where NVVM is installed.
+Jetson Orin (compute capability 8.7) and an H100 (9.0) where NVVM is installed, and a
+third reads their register counts from ``ptxas`` where it is installed.
+
+Issue 15's kernel findings: the block size is capped from the compiled kernels' limits
+and ``threads`` is validated (finding 6: ``threads_capped_by_the_kernel_limits`` and the
+``ptxas`` test); a volume is meshed in its own device's context (finding 5:
+``work_runs_on_the_volumes_device``); a call's kernels wait for the previous call's on
+the device, whatever stream each runs on (finding 8: ``calls_are_ordered_on_the_device``;
+the simulator runs everything in order, so the race itself cannot show here, only that
+the event is recorded after the last kernel and waited on before the first).
 """
 
 from __future__ import annotations
@@ -123,6 +132,133 @@ def mesh_ops_match_the_cpu():
         assert np.array_equal(colors.copy_to_host(), vertex_colors(crop, vertices))
 
 
+@check
+def threads_capped_by_the_kernel_limits():
+    """A compiled emit kernel of 74 registers per thread launches at most 800 threads
+    (finding 6): the workspace caps its default block there and refuses more. Stand-in
+    limits (64 threads) make the cap bite on a simulator-sized volume, which still
+    meshes exactly as on the CPU, in two segments per row."""
+    from numba import cuda
+
+    from vrn.kernels import _cuda, marching_cubes
+
+    real = _cuda.kernel_limits
+    _cuda.kernel_limits = lambda volume_type: _cuda.KernelLimits(
+        64, 1024, {"count": 40, "emit": 74})
+    try:
+        volume = np.random.default_rng(4).random((2, 2, 100)).astype(np.float32)
+        workspace = _cuda.MarchingCubesCUDA((1, 2, 2, 100))
+        assert workspace.threads == 64 and workspace.grid[0] == 2
+        _assert_same([workspace(cuda.to_device(volume))], [marching_cubes(volume)])
+        try:
+            _cuda.MarchingCubesCUDA((1, 2, 2, 100), threads=128)
+        except ValueError as error:
+            assert "emit 74" in str(error) and "64" in str(error), error
+        else:
+            raise AssertionError("threads=128 accepted past the 64-thread limit")
+        for bad in (48, 0, 2048, 64.0, True):
+            try:
+                _cuda.MarchingCubesCUDA((1, 2, 2, 100), threads=bad)
+            except ValueError:
+                continue
+            raise AssertionError(f"threads={bad!r} accepted")
+    finally:
+        _cuda.kernel_limits = real
+    assert _cuda.register_block_limit(74) == 800 and _cuda.register_block_limit(72) == 896
+    assert _cuda.register_block_limit(40) == 1024
+
+
+@check
+def work_runs_on_the_volumes_device():
+    """Finding 5: marching cubes and the mesh ops run in the context of the device the
+    volume is on (a stand-in device list records which one is entered), and the cached
+    workspace is that device's."""
+    from numba import cuda
+
+    from vrn.kernels import _cuda, _mesh_ops_cuda, marching_cubes, transform_vertices
+
+    entered = []
+    current = [0]
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Devices:
+        def __getitem__(self, index):
+            return Device(index)
+
+    saved = (cuda.gpus, _cuda.array_device_id, _mesh_ops_cuda.array_device_id,
+             _cuda.current_device_id)
+    cuda.gpus = Devices()
+    _cuda.array_device_id = _mesh_ops_cuda.array_device_id = lambda obj: 1
+    _cuda.current_device_id = lambda: current[-1]
+    try:
+        volume = np.random.default_rng(5).random((2, 2, 32)).astype(np.float32)
+        vertices, faces = marching_cubes(cuda.to_device(volume))
+        transform_vertices(vertices, np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+    finally:
+        (cuda.gpus, _cuda.array_device_id, _mesh_ops_cuda.array_device_id,
+         _cuda.current_device_id) = saved
+    assert entered == [1, 1], entered
+    assert any(key[-1] == 1 for key in _cuda._workspaces), list(_cuda._workspaces)
+    _assert_same([(vertices, faces)], [marching_cubes(volume)])
+
+
+@check
+def calls_are_ordered_on_the_device():
+    """Finding 8: the cached buffers serve calls from any stream, so each call's first
+    kernel waits (an event) for the previous call's last one."""
+    from numba import cuda
+
+    from vrn.kernels import _cuda
+
+    log = []
+
+    class Event:
+        def record(self, stream=0):
+            log.append(("record", stream))
+
+        def wait(self, stream=0):
+            log.append(("wait", stream))
+
+    class Logged:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, config):
+            launch = self.kernel[config]
+
+            def run(*args):
+                log.append((self.name, config[2]))
+                return launch(*args)
+            return run
+
+    saved = _cuda._event, _cuda._count_kernel, _cuda._emit_kernel
+    _cuda._event = Event
+    _cuda._count_kernel = Logged("count", saved[1])
+    _cuda._emit_kernel = Logged("emit", saved[2])
+    try:
+        volume = np.random.default_rng(6).random((1, 2, 2, 32)).astype(np.float32)
+        workspace = _cuda.MarchingCubesCUDA(volume.shape)
+        first, second = cuda.stream(), cuda.stream()
+        threshold, level, divisor = 0.5, 0.5, 1.0
+        workspace.run(cuda.to_device(volume), threshold, level, divisor, stream=first)
+        workspace.run(cuda.to_device(volume), threshold, level, divisor, stream=second)
+    finally:
+        _cuda._event, _cuda._count_kernel, _cuda._emit_kernel = saved
+    assert log == [("count", first), ("emit", first), ("record", first),
+                   ("wait", second), ("count", second), ("emit", second),
+                   ("record", second)], log
+
+
 def _run_checks() -> dict:
     results = {}
     for name, function in CHECKS.items():
@@ -207,6 +343,83 @@ def test_kernels_compile_to_ptx(cc):
     for module, name, signature in _signatures(all_dtypes=cc == (8, 7)):
         ptx, _ = cuda.compile_ptx(getattr(module, name).py_func, signature, cc=cc)
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
+
+
+def test_emit_kernel_registers_cap_the_block(tmp_path):
+    """Finding 6 with the real compiler: ptxas counts the emit kernel's registers per
+    thread (71-77 for sm_87 and sm_90), and the cap they imply is below 1024 threads
+    (the old default for wide volumes); the count kernel fits 1024."""
+    import re
+    import shutil
+
+    if SIMULATED:
+        pytest.skip("compile_ptx needs the real CUDA target")
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas (CUDA toolkit) not installed")
+    try:
+        from numba import cuda
+
+        from vrn.kernels import _cuda
+    except ImportError as error:
+        pytest.skip(f"numba.cuda is not available: {error}")
+    from numba import types
+
+    volume = types.Array(types.float32, 4, "C")
+    registers = {}
+    for name, kernel, signature in _cuda._launch_types(volume):
+        try:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(8, 7))
+        except Exception as error:  # no NVVM or libdevice
+            pytest.skip(f"compile_ptx unusable here: {error}")
+        source = tmp_path / f"{name}.ptx"
+        source.write_text(ptx)
+        done = subprocess.run([ptxas, "-v", "-arch=sm_87", str(source), "-o",
+                               str(tmp_path / f"{name}.cubin")], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        registers[name] = int(re.findall(r"Used (\d+) registers", done.stderr)[-1])
+    assert 60 <= registers["emit"] <= 96, registers
+    assert _cuda.register_block_limit(registers["emit"]) < _cuda.MAX_THREADS
+    assert _cuda.register_block_limit(registers["count"]) == _cuda.MAX_THREADS
+    assert _cuda.register_block_limit(registers["scan"]) == _cuda.MAX_THREADS
+
+
+def test_kernel_limits_come_from_the_compiled_kernels(monkeypatch):
+    """Finding 6: the limits are each compiled kernel's own (``max_threads_per_block``
+    and its registers), the smaller of count and emit for a segment."""
+    if SIMULATED:
+        pytest.skip("outside the simulator only")
+    try:
+        from vrn.kernels import _cuda
+    except ImportError as error:
+        pytest.skip(f"numba.cuda is not available: {error}")
+
+    class Compiled:
+        def __init__(self, regs, most):
+            self.regs_per_thread, self.max_threads_per_block = regs, most
+
+    class Kernel:
+        def __init__(self, regs, most):
+            self.compiled, self.signatures = Compiled(regs, most), []
+
+        def compile(self, signature):
+            self.signatures.append(signature)
+            return self.compiled
+
+    kernels = {"_count_kernel": Kernel(40, 1024), "_scan_kernel": Kernel(44, 1024),
+               "_emit_kernel": Kernel(74, 832)}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(_cuda, name, kernel)
+    monkeypatch.setattr(_cuda, "_limits", {})
+    limits = _cuda.kernel_limits(_cuda._volume_type(np.float16))
+    assert limits.threads == 800  # the emit kernel's registers: 25 warps
+    assert limits.scan_threads == 1024
+    assert limits.registers == {"count": 40, "scan": 44, "emit": 74}
+    assert kernels["_emit_kernel"].signatures[0][0] == _cuda._volume_type(np.float16)
+    kernels["_emit_kernel"].compiled = Compiled(64, 512)  # the driver's word wins
+    monkeypatch.setattr(_cuda, "_limits", {})
+    assert _cuda.kernel_limits(_cuda._volume_type(np.float32)).threads == 512
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 the GPU pipeline against the CPU pipeline, no device-to-host copy of the volume, one batch
 for several faces, CUDA graphs, and the TensorRT and onnxruntime-GPU backends where
 installed; each for an unguided and a landmark-guided model (crops and landmarks made as
-the pipeline makes them)."""
+the pipeline makes them). A few checks run anywhere, on stand-ins: the uploads and the
+stage timing's synchronisation go to the backend's own device (issue 15, finding 5)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SMALL = dict(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1, residuals_b=1,
              residuals_b_innermost=1, out_depth=16, input_size=192)
@@ -79,6 +82,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+@needs_cuda
 @pytest.mark.parametrize("guided", [False, True])
 def test_cuda_fp16_matches_cpu_fp32(crops, landmarks, guided):
     from vrn.runtime.backends import TorchBackend
@@ -98,6 +102,7 @@ def test_cuda_fp16_matches_cpu_fp32(crops, landmarks, guided):
                 gpu.infer(crops)
 
 
+@needs_cuda
 @pytest.mark.parametrize("guided", [False, True])
 def test_gpu_pipeline_matches_cpu_pipeline(photo, boxes, guided):
     from vrn.runtime.backends import TorchBackend
@@ -120,6 +125,7 @@ def test_gpu_pipeline_matches_cpu_pipeline(photo, boxes, guided):
                                    "colour"}
 
 
+@needs_cuda
 @pytest.mark.parametrize("guided", [False, True])
 def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch, guided):
     """Count every device-to-host copy during a frame: none may be volume-sized."""
@@ -175,6 +181,7 @@ def test_volume_never_leaves_the_gpu(photo, boxes, monkeypatch, guided):
     assert max(copies) < volume_elements, copies
 
 
+@needs_cuda
 @pytest.mark.parametrize("guided", [False, True])
 def test_tensorrt_backend_when_installed(tmp_path, crops, landmarks, guided):
     trt = pytest.importorskip("tensorrt")
@@ -197,6 +204,7 @@ def test_tensorrt_backend_when_installed(tmp_path, crops, landmarks, guided):
         assert on_device.is_cuda and _iou(on_device.cpu().numpy(), reference) > 0.97
 
 
+@needs_cuda
 @pytest.mark.parametrize("guided", [False, True])
 def test_onnxruntime_gpu_when_installed(tmp_path, crops, landmarks, guided):
     ort = pytest.importorskip("onnxruntime")
@@ -216,6 +224,7 @@ def test_onnxruntime_gpu_when_installed(tmp_path, crops, landmarks, guided):
     assert np.abs(backend.infer(crops, landmarks) - reference).max() < 1e-3
 
 
+@needs_cuda
 def test_crops_go_up_through_one_reused_pinned_buffer():
     """The pipeline's upload keeps one page-locked buffer, grown only when a frame needs
     more, and waits for the last copy out of it before writing it again."""
@@ -234,3 +243,42 @@ def test_crops_go_up_through_one_reused_pinned_buffer():
     assert first.is_cuda and np.array_equal(first.cpu().numpy(), crops)
     assert np.array_equal(smaller.cpu().numpy(), crops[:1])
     assert np.array_equal(larger.cpu().numpy(), np.concatenate([crops, crops]))
+
+
+class _DeviceBackend:
+    """A GPU backend on CUDA device 1, as the pipeline sees one."""
+
+    name, device, device_id, input_size, guided, model_info = "stub", "cuda", 1, 32, False, None
+
+
+def test_uploads_go_to_the_backends_device(monkeypatch):
+    """Finding 5: the crops go up to the backend's device (numba-cuda path, with
+    stand-ins recording the device made current), not device 0."""
+    from numba import cuda
+
+    from vrn.kernels import _cuda
+    from vrn.runtime import pipeline
+    from vrn.runtime.pipeline import Reconstructor
+
+    current, uploaded = [0], []
+
+    @contextlib.contextmanager
+    def on_device(device_id):
+        current.append(device_id)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(_cuda, "on_device", on_device)
+    monkeypatch.setattr(cuda, "to_device", lambda array: uploaded.append(current[-1]) or array)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rec = Reconstructor(backend=_DeviceBackend(), detector=lambda image: [],
+                        landmark_stage=object())
+    assert rec.device_id == 1 and rec._upload.device_id == 1
+    batch = np.zeros((1, 3, 32, 32), np.float32)
+    assert rec._upload(batch) is batch and uploaded == [1]
+    synced = []
+    monkeypatch.setattr(cuda, "synchronize", lambda: synced.append(current[-1]))
+    pipeline._synchronize_device(rec.device_id)
+    assert synced == [1]

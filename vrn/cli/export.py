@@ -1,10 +1,11 @@
 """``vrn-export``: weights -> validated ONNX (fp32, optionally fp16) -> TensorRT engine.
 
-    vrn-export [WEIGHTS] -o OUTDIR [--fp16] [--max-batch N] [--opset K] [--workspace GB]
-               [--engine auto|yes|no] [--bn-mode running|instance] [--no-verify]
-               [--strict]
+    vrn-export [WEIGHTS] -o OUTDIR [--fp16] [--max-batch N] [--opt-batch N] [--opset K]
+               [--workspace GB] [--engine auto|yes|no] [--bn-mode running|instance]
+               [--device N] [--accept-parity] [--no-verify] [--strict]
     vrn-export --from-onnx OUTDIR/vrn.fp16.onnx [-o OUTDIR] [--max-batch N]
-               [--workspace GB] [--no-verify]
+               [--opt-batch N] [--workspace GB] [--device N] [--accept-parity]
+               [--no-verify]
 
 The second form builds the engine on the target GPU from an ONNX file exported
 elsewhere: engines are not portable between GPUs or TensorRT versions.
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="largest batch of the dynamic batch dimension and of the engine "
                         "profile (default: 4; with --from-onnx, the value stored in the file)")
+    p.add_argument("--opt-batch", type=int, metavar="N",
+                   help="the batch TensorRT tunes the engine's kernels for (default: 1, the "
+                        "live pipeline's batch)")
     p.add_argument("--opset", type=int, metavar="K", help="ONNX opset (default: 20)")
     p.add_argument("--workspace", type=float, metavar="GB",
                    help="TensorRT builder workspace limit in GiB (default: TensorRT's)")
@@ -56,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-norm mode to export: running (folded into the convolutions) "
                         "or instance (per-image statistics, InstanceNormalization); "
                         "default: the weights' own")
+    p.add_argument("--device", type=int, default=0, metavar="N",
+                   help="CUDA device to build and check the engine on (default: 0)")
+    p.add_argument("--accept-parity", action="store_true",
+                   help="publish an engine that fails its parity check under its own name "
+                        "anyway (recorded in export.json); by default it is kept as "
+                        "<engine>.rejected with its parity report beside it")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the parity checks against PyTorch / ONNX Runtime")
     p.add_argument("--strict", action="store_true",
@@ -72,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..deploy.exporter import Exporter
-    from ..export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, onnx_metadata
-    from ..runtime.pipeline import sample_face_crops
+    from ..deploy.parity import face_crop_variants
+    from ..export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET
+    from ..export.tensorrt_build import graph_max_batch
 
     try:
         if args.from_onnx:
@@ -86,21 +97,24 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             onnx_path = Path(args.from_onnx)
             if not onnx_path.is_file():
                 raise VRNError(f"{onnx_path}: ONNX file not found")
-            max_batch = args.max_batch or int(onnx_metadata(onnx_path).get(
-                "max_batch", DEFAULT_MAX_BATCH))
+            max_batch = args.max_batch or graph_max_batch(onnx_path)
             exporter = Exporter(args.output or onnx_path.parent, max_batch=max_batch,
-                                workspace_gb=args.workspace, engine="yes",
-                                verify=not args.no_verify, face_crops=sample_face_crops)
+                                opt_batch=args.opt_batch or 1, workspace_gb=args.workspace,
+                                engine="yes", verify=not args.no_verify,
+                                face_crops=face_crop_variants, device_id=args.device,
+                                accept_parity=args.accept_parity)
             exporter.export_from_onnx(onnx_path)
         else:
             if not args.output:
                 parser.error("-o/--output OUTDIR is required")
             exporter = Exporter(args.output, fp16=args.fp16,
                                 max_batch=args.max_batch or DEFAULT_MAX_BATCH,
+                                opt_batch=args.opt_batch or 1,
                                 opset=args.opset or DEFAULT_OPSET, workspace_gb=args.workspace,
                                 engine=args.engine or "auto", bn_mode=args.bn_mode,
-                                verify=not args.no_verify, face_crops=sample_face_crops,
-                                strict=args.strict)
+                                verify=not args.no_verify, face_crops=face_crop_variants,
+                                strict=args.strict, device_id=args.device,
+                                accept_parity=args.accept_parity)
             report = exporter.export(args.weights)
             if report["failed"]:
                 names = ", ".join(item["target"] for item in report["failed"])

@@ -16,6 +16,16 @@ The fp32 graph is the one target every other needs: when it fails, the export fa
 A failure of any later target (the fp16 graph, an engine, the landmark stage) is
 reported in one line and recorded in ``export.json``'s ``failed`` list, and the other
 targets still complete; with ``strict=True`` the export then raises.
+
+The fp16 gate (:mod:`.parity`): the fp16 graph is checked on the CPU with its fp16
+rounding emulated (:func:`vrn.export.fp16.emulate_fp16`; ONNX Runtime's CPU provider
+would compute it in fp32), the fp16 engine on the GPU, both against the fp32 reference
+on real face crops. An engine that misses the target is not thrown away: it is kept as
+``<engine>.rejected`` with its sidecar and ``<engine>.rejected.parity.json`` beside it,
+and ``accept_parity=True`` (``--accept-parity``) publishes it under its own name anyway,
+recorded as accepted. Before an engine is built, the exporter says which buffer provider
+its check will run on (torch CUDA tensors or numba-cuda arrays), or fails at once when
+there is none.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import contextlib
 import copy
 import functools
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -45,12 +56,13 @@ from ..export.onnx_export import (BATCH_DIM, DEFAULT_MAX_BATCH, DEFAULT_OPSET, e
                                   graph_io)
 from ..model import BN_MODES, GUIDED_ARCHITECTURES, count_parameters, load_model, set_bn_mode
 from ..model.checkpoint import model_info
+from ..runtime.backends import cuda_arrays
 from ..runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.backends.torch_backend import TorchBackend
 from .parity import (LANDMARKS_MAX_ABS_PX, CachedRunner, ParityReport, check_parity,
-                     format_table, landmark_difference, parity_inputs)
+                     face_crop_variants, format_table, landmark_difference, parity_inputs)
 
-__all__ = ["ENGINE_MODES", "ExportError", "Exporter", "GRAPH_TARGETS"]
+__all__ = ["ENGINE_MODES", "ExportError", "Exporter", "GRAPH_TARGETS", "ParityFailure"]
 
 ONNX_NAME = "vrn.onnx"
 FP16_NAME = "vrn.fp16.onnx"
@@ -58,13 +70,26 @@ LANDMARKS_ONNX_NAME = "landmarks.onnx"
 REPORT_NAME = "export.json"
 REPORT_FORMAT = "vrn-export/1"
 ENGINE_MODES = ("auto", "yes", "no")
+REJECTED_SUFFIX = ".rejected"  # an engine that failed its parity check: vrn.fp16.engine.rejected
+PARITY_SUFFIX = ".parity.json"  # its report beside it
+
+
+class ParityFailure(ExportError):
+    """A file missed its parity target; ``report`` is the :class:`~.parity.ParityReport`
+    and ``table`` its table."""
+
+    def __init__(self, message: str, report: ParityReport, table: str):
+        super().__init__(message)
+        self.report, self.table = report, table
 
 
 @dataclass(frozen=True)
 class GraphTarget:
     """One ONNX file of the export: its name, the step that writes it (and
     ``"<step> parity"``, the one that checks it), its parity check's name and precision,
-    and whether the export fails with it (else it is one failed target among others)."""
+    whether the check runs the graph with its fp16 rounding emulated
+    (:func:`vrn.export.fp16.emulate_fp16`), and whether the export fails with it (else
+    it is one failed target among others)."""
 
     file: str
     step: str
@@ -72,13 +97,14 @@ class GraphTarget:
     precision: str
     required: bool
     slow: bool  # show a spinner while it is written
+    emulate_fp16: bool = False
 
 
 GRAPH_TARGETS = {
     "fp32": GraphTarget(ONNX_NAME, "ONNX", "ONNX fp32 vs PyTorch", "fp32", required=True,
                         slow=True),
-    "fp16": GraphTarget(FP16_NAME, "fp16", "ONNX fp16 vs PyTorch", "fp16", required=False,
-                        slow=False),
+    "fp16": GraphTarget(FP16_NAME, "fp16", "ONNX fp16 emulated vs PyTorch", "fp16",
+                        required=False, slow=False, emulate_fp16=True),
 }
 
 _FAILED = object()  # what Exporter._attempt returns for a failed target
@@ -96,6 +122,9 @@ class Exporter:
         engine from it.
     max_batch : int
         Largest batch of the dynamic batch dimension and of the engine's profile.
+    opt_batch : int
+        The batch TensorRT tunes the engine's kernels for (default 1: the live
+        pipeline's batch).
     opset : int
         ONNX opset.
     workspace_gb : float, optional
@@ -118,18 +147,30 @@ class Exporter:
     random_inputs : int
         Number of random images in the parity checks.
     face_crops : callable, optional
-        ``face_crops(size) -> (crops, landmarks)``: real face crops for the parity checks
-        too (``vrn-export`` passes :func:`vrn.runtime.pipeline.sample_face_crops`, the
-        bundled photo's face as the pipeline crops it).
+        ``face_crops(size) -> (crops, landmarks)``: the real face crops of the parity
+        checks, on which the fp16 gate applies (default:
+        :func:`~.parity.face_crop_variants`, the bundled photo's face as the pipeline
+        crops it from three boxes).
+    accept_parity : bool
+        Publish an engine that misses its parity target under its own name (recorded as
+        accepted in ``export.json``) instead of keeping it as ``<engine>.rejected``.
+    device_id : int
+        The CUDA device engines are built and checked on.
     """
 
     def __init__(self, outdir, *, fp16: bool = False, max_batch: int = DEFAULT_MAX_BATCH,
-                 opset: int = DEFAULT_OPSET, workspace_gb: float | None = None,
-                 engine: str = "auto", bn_mode: str | None = None, verify: bool = True,
-                 out: TextIO | None = None, progress: bool | None = None,
-                 random_inputs: int = 3, face_crops=None, strict: bool = False):
+                 opt_batch: int = 1, opset: int = DEFAULT_OPSET,
+                 workspace_gb: float | None = None, engine: str = "auto",
+                 bn_mode: str | None = None, verify: bool = True, out: TextIO | None = None,
+                 progress: bool | None = None, random_inputs: int = 3, face_crops=None,
+                 strict: bool = False, accept_parity: bool = False, device_id: int = 0):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= int(opt_batch) <= int(max_batch):
+            raise ValueError(f"opt_batch must be in [1, max_batch={max_batch}], got "
+                             f"{opt_batch}")
+        if int(device_id) < 0:
+            raise ValueError(f"device_id must be >= 0, got {device_id}")
         if engine not in ENGINE_MODES:
             raise ValueError(f"engine must be one of {ENGINE_MODES}, got {engine!r}")
         if bn_mode is not None and bn_mode not in BN_MODES:
@@ -139,6 +180,9 @@ class Exporter:
         self.outdir = Path(outdir)
         self.fp16 = fp16
         self.max_batch = int(max_batch)
+        self.opt_batch = int(opt_batch)
+        self.device_id = int(device_id)
+        self.accept_parity = accept_parity
         self.opset = opset
         self.workspace_gb = workspace_gb
         self.engine = engine
@@ -147,7 +191,7 @@ class Exporter:
         self.out = out or sys.stdout
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.random_inputs = random_inputs
-        self.face_crops = face_crops
+        self.face_crops = face_crops or face_crop_variants
         self.strict = strict
         self.failed: list[dict] = []
         self.steps: list[dict] = []
@@ -191,7 +235,7 @@ class Exporter:
             engine_meta = None
         else:
             engine_meta = self._attempt("TensorRT", lambda: self._engine_steps(
-                target, inputs, trained=info.trained))
+                target, inputs, trained=info.trained, reference=reference))
         built_engine = engine_meta is not None and engine_meta is not _FAILED
         self._landmark_steps(built_engine)
         report = self._new_report(engine_meta if built_engine else None)
@@ -210,11 +254,32 @@ class Exporter:
         with atomic_path(path) as tmp:
             result = self._step(spec.step, lambda: write(tmp), slow=spec.slow)
             if self.verify:
-                self._step(f"{spec.step} parity", lambda: self._verify(
-                    spec.check, reference, OnnxRuntimeBackend(tmp, provider="cpu"), inputs,
-                    spec.precision, trained=trained), slow=True)
+                self._step(f"{spec.step} parity", lambda: self._verify_graph(
+                    spec, tmp, reference, inputs, trained=trained), slow=True)
         self.files.append(path)
         return path, result
+
+    def _verify_graph(self, spec: GraphTarget, path: Path, reference, inputs, *, trained):
+        """Check the graph ``path`` on the ONNX Runtime backend (CPU) against
+        ``reference``; an fp16 graph with its fp16 rounding made explicit
+        (:func:`vrn.export.fp16.emulate_fp16`), which ONNX Runtime's CPU provider would
+        otherwise mostly compute away."""
+        if not spec.emulate_fp16:
+            return self._verify(spec.check, reference, OnnxRuntimeBackend(path, provider="cpu"),
+                                inputs, spec.precision, trained=trained)
+        import onnx
+
+        from ..export.fp16 import emulate_fp16
+        from ..export.onnx_export import save_onnx
+
+        with tempfile.TemporaryDirectory(dir=self.outdir, prefix=".fp16-emulated-") as folder:
+            emulated = Path(folder) / "emulated.onnx"
+            save_onnx(emulate_fp16(onnx.load(str(path))), emulated)
+            report, message = self._verify(
+                spec.check, reference, OnnxRuntimeBackend(emulated, provider="cpu"), inputs,
+                spec.precision, trained=trained)
+        return report, message + "\nfp16 rounding emulated on the CPU: each fp16 tensor " \
+            "rounded to fp16, fp32 arithmetic (TensorRT's best case)"
 
     def export_from_onnx(self, onnx_path) -> dict:
         """Build (and check) the TensorRT engine for ``onnx_path`` on this machine and
@@ -233,7 +298,11 @@ class Exporter:
                                    random_count=self.random_inputs, faces=self.face_crops,
                                    guided=len(meta["inputs"]) == 2)
         trained = meta["metadata"].get("trained", "true") != "false"
-        engine_meta = self._engine_steps(onnx_path, inputs, trained=trained)
+        reference = None
+        if meta["precision"] == "fp16" and self.verify:
+            reference = self._fp32_reference(onnx_path)
+        engine_meta = self._engine_steps(onnx_path, inputs, trained=trained,
+                                         reference=reference)
         new = self._new_report(engine_meta)
         onnx_sha = sha256_file(onnx_path)
         old = self._export_report_of(onnx_path, onnx_sha)
@@ -317,6 +386,26 @@ class Exporter:
         return meta, (f"{path.name}: {meta['precision']}, input {shape}, "
                       f"{_size(path)}, SHA-256 {sha256_file(path)[:12]}...")
 
+    def _fp32_reference(self, onnx_path: Path):
+        """``(name, backend)`` of the fp32 reference for the engine of the fp16 graph
+        ``onnx_path``: the fp32 ``vrn.onnx`` beside it when the ``export.json`` there
+        vouches for both (same SHA-256s), else the fp16 graph itself on ONNX Runtime's
+        CPU provider (which computes most of it in fp32), with a note."""
+        folder = onnx_path.parent
+        try:
+            files = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))["files"]
+            fp32 = folder / ONNX_NAME
+            if (files[onnx_path.name]["sha256"] == sha256_file(onnx_path)
+                    and files[ONNX_NAME]["sha256"] == sha256_file(fp32)):
+                return "ONNX fp32", OnnxRuntimeBackend(fp32, provider="cpu")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.notes.append(f"TensorRT: the fp16 engine was checked against {onnx_path.name} "
+                          f"on ONNX Runtime's CPU provider: no {ONNX_NAME} of the same "
+                          f"export beside it (copy it and {REPORT_NAME} along for an fp32 "
+                          "reference)")
+        return "ONNX Runtime", OnnxRuntimeBackend(onnx_path, provider="cpu")
+
     def _verify(self, name, reference, candidate, inputs, precision, *, trained):
         report = check_parity(reference, candidate, inputs, name=name, precision=precision,
                               max_batch=self.max_batch,
@@ -324,16 +413,22 @@ class Exporter:
         self.parity[name] = report
         table = format_table([report])
         if not report.passed and (report.enforced or not report.sane):
-            raise ExportError(f"{name}: parity check failed ({report.criterion}); "
-                              f"nothing was written under the final name\n{table}")
+            raise ParityFailure(f"{name}: parity check failed ({report.criterion}); "
+                                f"nothing was written under the final name\n{table}",
+                                report, table)
         if not report.passed:
-            self.notes.append(f"{name}: below the target {report.criterion} (min IoU "
-                              f"{report.min_iou:.5f}), accepted because the weights are "
+            self.notes.append(f"{name}: below the target {report.criterion} (IoU "
+                              f"{report.gate_iou:.5f}), accepted because the weights are "
                               "untrained: their volume hovers around 0.5, where tiny "
                               "differences flip occupancy")
         verdict = "pass" if report.passed else "below target, untrained weights"
-        return report, (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
-                        f"min IoU {report.min_iou:.5f}: {verdict}\n{table}")
+        return report, self._parity_line(report, verdict, table)
+
+    @staticmethod
+    def _parity_line(report: ParityReport, verdict: str, table: str) -> str:
+        gate = f", gate IoU {report.gate_iou:.5f}" if report.precision == "fp16" else ""
+        return (f"max |diff| {report.max_abs:.2e}, mean |diff| {report.mean_abs:.2e}, "
+                f"min IoU {report.min_iou:.5f}{gate}: {verdict}\n{table}")
 
     def _attempt(self, target: str, fn: Callable):
         """Run the steps of one output target and return ``fn()``'s result; on failure
@@ -401,16 +496,18 @@ class Exporter:
             built, parity = self._publish_engine(
                 path, engine_path, "fp32", lambda tmp: _landmark_parity(
                     "TensorRT vs ONNX Runtime", OrtLandmarkRunner(path),
-                    TensorRTLandmarkRunner(tmp), crops))
+                    TensorRTLandmarkRunner(tmp, device_id=self.device_id), crops))
             self.files += [engine_path, sidecar_path(engine_path)]
             return engine_path, (f"{engine_path.name}: built in {built.build_seconds:.1f} s, "
                                  f"{_size(engine_path)}" + (f", {parity}" if parity else ""))
 
         self._attempt("landmarks TRT", lambda: self._step("landmarks TRT", build, slow=True))
 
-    def _engine_steps(self, onnx_path: Path, inputs, *, trained: bool):
+    def _engine_steps(self, onnx_path: Path, inputs, *, trained: bool, reference=None):
         """Build the engine for ``onnx_path`` per ``self.engine``; returns its metadata
-        dict or ``None`` when no engine is built."""
+        dict or ``None`` when no engine is built. ``reference``: the fp32 reference the
+        engine of an fp16 graph is checked against (a runner, or ``(name, runner)``);
+        default: the graph on ONNX Runtime."""
         if self.engine == "no":
             self.notes.append("TensorRT: skipped (--engine no)")
             return None
@@ -418,8 +515,10 @@ class Exporter:
 
         try:
             import_tensorrt()
-            if current_gpu() is None:
-                raise BackendUnavailableError("no CUDA GPU found on this machine")
+            gpu = current_gpu(self.device_id)
+            if gpu is None:
+                raise BackendUnavailableError(f"no CUDA GPU {self.device_id} found on this "
+                                              "machine")
         except BackendUnavailableError as exc:
             if self.engine == "yes":
                 raise ExportError(f"cannot build a TensorRT engine: {exc}") from None
@@ -427,26 +526,55 @@ class Exporter:
                               f"with `vrn-export --from-onnx {onnx_path}`")
             print(f"{'TensorRT':<14} {'':>8}  skipped: {exc}", file=self.out)
             return None
+        self._announce_check(gpu)
         engine_path = onnx_path.with_suffix(".engine")
         if engine_path.parent != self.outdir:
             engine_path = self.outdir / engine_path.name
         return self._step("TensorRT", lambda: self._build_and_verify(
-            onnx_path, engine_path, inputs, trained=trained), slow=True)
+            onnx_path, engine_path, inputs, trained=trained, reference=reference), slow=True)
 
-    def _build_and_verify(self, onnx_path: Path, engine_path: Path, inputs, *, trained):
-        """The VRN's engine, checked on the TensorRT backend against the ONNX Runtime
-        backend."""
+    def _announce_check(self, gpu) -> None:
+        """Say, before a build of minutes, what the engine's check will run on: the
+        buffer provider the TensorRT backend will use (:class:`ExportError` at once when
+        there is none, rather than after the build)."""
+        where = f"{gpu.name} (cuda:{self.device_id})"
+        if not self.verify:
+            print(f"{'TensorRT':<14} {'':>8}  building on {where}; not checked (--no-verify)",
+                  file=self.out)
+            return
+        try:
+            buffers = cuda_arrays.device_buffers(self.device_id)
+        except BackendUnavailableError as exc:
+            raise ExportError(f"cannot check a TensorRT engine here ({exc}): install "
+                              "numba-cuda (`pip install 'vrn-edge[gpu]'`) or torch with "
+                              "CUDA, or pass --no-verify") from None
+        line = f"building on {where}; its check runs on {cuda_arrays.describe_buffers(buffers)}"
+        self.notes.append(f"TensorRT: {line}")
+        print(f"{'TensorRT':<14} {'':>8}  {line}", file=self.out)
+
+    def _build_and_verify(self, onnx_path: Path, engine_path: Path, inputs, *, trained,
+                          reference=None):
+        """The VRN's engine, checked on the TensorRT backend: an fp32 engine against its
+        graph on the ONNX Runtime backend, an fp16 one against the fp32 reference."""
         import onnx
 
         from ..export.fp16 import graph_precision
         from ..runtime.backends.tensorrt_backend import TensorRTBackend
 
         precision = graph_precision(onnx.load(str(onnx_path)))
-        build, parity = self._publish_engine(
-            onnx_path, engine_path, precision, lambda tmp: self._verify(
-                f"TensorRT {precision} vs ONNX Runtime",
-                OnnxRuntimeBackend(onnx_path, provider="cpu"), TensorRTBackend(tmp), inputs,
-                precision, trained=trained)[1])
+        if precision == "fp16" and reference is not None:
+            ref_name, ref = reference if isinstance(reference, tuple) else ("PyTorch",
+                                                                            reference)
+        else:
+            ref_name, ref = "ONNX Runtime", None  # made only when checking
+
+        def check(tmp: Path) -> str:
+            runner = ref if ref is not None else OnnxRuntimeBackend(onnx_path, provider="cpu")
+            return self._verify(f"TensorRT {precision} vs {ref_name}", runner,
+                                TensorRTBackend(tmp, device_id=self.device_id), inputs,
+                                precision, trained=trained)[1]
+
+        build, parity = self._publish_engine(onnx_path, engine_path, precision, check)
         self.files += [engine_path, sidecar_path(engine_path), build.timing_cache_path]
         layers = ", ".join(f"{n} {k}" for k, n in sorted(build.metadata.layer_precisions.items()))
         cache = "reused" if build.timing_cache_reused else "new"
@@ -460,21 +588,67 @@ class Exporter:
                         check: Callable[[Path], str]):
         """Build ``engine_path`` from ``onnx_path`` into a temporary file, run
         ``check(tmp) -> message`` on it (when verifying), and only then rename it into
-        place with its sidecar; ``(EngineBuild, message)``."""
+        place with its sidecar; ``(EngineBuild, message)``. An engine that misses its
+        parity target is kept as ``<engine>.rejected`` (:meth:`_reject`), or published
+        anyway with ``accept_parity``."""
         from ..export.tensorrt_build import build_engine
 
         message = ""
         with atomic_path(engine_path) as tmp:
             try:
                 build = build_engine(onnx_path, tmp, max_batch=self.max_batch,
+                                     opt_batch=min(self.opt_batch, self.max_batch),
                                      workspace_gb=self.workspace_gb, precision=precision,
-                                     timing_cache=self.outdir / "timing.cache")
+                                     timing_cache=self.outdir / "timing.cache",
+                                     device_id=self.device_id)
                 if self.verify:
-                    message = check(tmp)
+                    try:
+                        message = check(tmp)
+                    except ParityFailure as failure:
+                        if not self.accept_parity:
+                            self._reject(tmp, engine_path, build, failure)
+                        message = self._accept(failure)
             finally:
                 sidecar_path(tmp).unlink(missing_ok=True)
         write_text_atomic(sidecar_path(engine_path), build.metadata.to_json())
+        self._remove_rejected(engine_path)
         return build, message
+
+    def _reject(self, tmp: Path, engine_path: Path, build, failure: ParityFailure):
+        """Keep the engine that failed its check as ``<engine>.rejected``, with its
+        sidecar and its parity report beside it, and raise :class:`ExportError`."""
+        rejected = engine_path.with_name(engine_path.name + REJECTED_SUFFIX)
+        os.replace(tmp, rejected)
+        write_text_atomic(sidecar_path(rejected), build.metadata.to_json())
+        report_path = rejected.with_name(rejected.name + PARITY_SUFFIX)
+        write_text_atomic(report_path, json.dumps(
+            {"engine": rejected.name, **failure.report.to_dict(), "table": failure.table},
+            indent=2, default=_json_default) + "\n")
+        self.files += [rejected, sidecar_path(rejected), report_path]
+        report = failure.report
+        raise ExportError(f"{report.name}: parity check failed ({report.criterion}); the "
+                          f"engine is kept as {rejected.name}, its parity report in "
+                          f"{report_path.name}; --accept-parity publishes it under its own "
+                          f"name\n{failure.table}")
+
+    def _accept(self, failure: ParityFailure) -> str:
+        """Publish an engine that missed its target (``accept_parity``): recorded in
+        the report and the notes."""
+        report = failure.report
+        report.accepted = True
+        self.notes.append(f"{report.name}: below the target ({report.criterion}; gate IoU "
+                          f"{report.gate_iou:.5f}), published anyway because of "
+                          "--accept-parity")
+        return self._parity_line(report, "FAILED, kept with --accept-parity",
+                                 format_table([report]))
+
+    def _remove_rejected(self, engine_path: Path) -> None:
+        """Remove a ``.rejected`` engine left by an earlier run once a checked (or
+        accepted) engine is published under the name."""
+        rejected = engine_path.with_name(engine_path.name + REJECTED_SUFFIX)
+        for path in (rejected, sidecar_path(rejected),
+                     rejected.with_name(rejected.name + PARITY_SUFFIX)):
+            path.unlink(missing_ok=True)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -507,11 +681,13 @@ class Exporter:
             "format": REPORT_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
-            "gpu": _gpu(),
-            "options": {"fp16": self.fp16, "max_batch": self.max_batch, "opset": self.opset,
+            "gpu": _gpu(self.device_id),
+            "options": {"fp16": self.fp16, "max_batch": self.max_batch,
+                        "opt_batch": self.opt_batch, "opset": self.opset,
                         "workspace_gb": self.workspace_gb, "engine": self.engine,
-                        "bn_mode": self.bn_mode, "verify": self.verify},
-            "batch": {"min": 1, "max": self.max_batch},
+                        "bn_mode": self.bn_mode, "verify": self.verify,
+                        "accept_parity": self.accept_parity, "device_id": self.device_id},
+            "batch": {"min": 1, "opt": self.opt_batch, "max": self.max_batch},
             "steps": self.steps,
             "parity": {name: rep.to_dict() for name, rep in self.parity.items()},
             "engine": None if engine is None else asdict(engine),
@@ -623,20 +799,39 @@ def _landmark_parity(name: str, reference, candidate, crops: np.ndarray) -> str:
 
 
 def _versions() -> dict:
+    """Versions of what made the files; ``onnxruntime`` is ``None`` where neither ONNX
+    Runtime package is installed (only possible with ``--no-verify``), and
+    ``onnxruntime_package`` names the one that is (``onnxruntime`` or
+    ``onnxruntime-gpu``)."""
+    from importlib import metadata
+
     import onnx
-    import onnxruntime
     import torch
 
     from .. import __version__
     from ..export.engine_file import installed_tensorrt_version
 
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    packages = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            packages.append(name)
+        except metadata.PackageNotFoundError:
+            pass
     return {"vrn": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "onnxruntime": ort_version,
+            "onnxruntime_package": " + ".join(packages) or None,
             "numpy": np.__version__, "tensorrt": installed_tensorrt_version()}
 
 
-def _gpu() -> dict | None:
-    gpu = current_gpu()
+def _gpu(device_id: int = 0) -> dict | None:
+    gpu = current_gpu(device_id)
     return None if gpu is None else {"name": gpu.name,
                                      "compute_capability": gpu.compute_capability}
 

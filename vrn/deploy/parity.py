@@ -11,21 +11,27 @@ Polygraphy's ``Comparator`` drives its runners: same inputs, outputs compared. A
 in a backend therefore fails the export's check instead of passing it.
 
 Each comparison runs the same inputs through the reference and the candidate, one
-image at a time and then all of them as one batch (which exercises the dynamic batch
+image at a time and then the first few as one batch (which exercises the dynamic batch
 dimension), and compares the occupancy volumes ``(N, D, H, W)`` float32:
 
 - fp32 candidates: the largest absolute difference must stay under
-  :data:`FP32_MAX_ABS`;
-- fp16 candidates: the occupancy at 0.5 must overlap with an IoU of at least
-  :data:`FP16_MIN_IOU`; the mean absolute difference is reported.
+  :data:`FP32_MAX_ABS`, on every input and the batch;
+- fp16 candidates (the fp16 gate): the occupancy at 0.5 must overlap the fp32
+  reference's with an IoU of at least :data:`FP16_MIN_IOU` on every *face crop*, and
+  the batch must agree with the same images run one at a time (IoU of at least
+  :data:`FP16_MIN_IOU`: it checks the batch dimension, not the precision). Random
+  images only have to give finite volumes: fp16 error on a face is what matters, and
+  random colour fields put much more of the volume near the level. The threshold
+  comes from an fp16 emulation measured on real face crops (``docs/deploy.md``).
 
 Inputs (:func:`parity_inputs`): a few seeded random images (smooth random colour fields
-with pixel noise, so that the activations have image-like statistics) and the face
-crop of the packaged sample photo. White noise is not used: through the released
-architecture it drives the instance norms' inputs to means many times their spread,
-where ONNX Runtime's ``InstanceNormalization`` kernel (``x * s + (b - mean * s)``) is
-2-3 times less accurate than PyTorch's, and the fp32 difference reaches 0.8-1.1e-4 on
-its own.
+with pixel noise, so that the activations have image-like statistics) and real face
+crops: the packaged sample photo's face cropped as the pipeline crops it, from the
+detected box and from a wider and a shifted box (:func:`face_crop_variants`). White
+noise is not used: through the released architecture it drives the instance norms'
+inputs to means many times their spread, where ONNX Runtime's
+``InstanceNormalization`` kernel (``x * s + (b - mean * s)``) is 2-3 times less
+accurate than PyTorch's, and the fp32 difference reaches 0.8-1.1e-4 on its own.
 
 A report whose target is not ``enforced`` (the exporter's choice for fp16 with
 untrained weights, whose volume hovers around 0.5 so that occupancy flips on any
@@ -34,6 +40,7 @@ difference) still has to be :attr:`~ParityReport.sane`: finite and free of gross
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -43,11 +50,17 @@ import numpy as np
 from ..metrics import OCCUPANCY_LEVEL, occupancy_iou
 
 FP32_MAX_ABS = 1e-4
-FP16_MIN_IOU = 0.995
+# fp16 gate on face crops. An fp16 emulation on the CPU (every fp16 tensor rounded to
+# fp16, fp32 accumulation: TensorRT's best case) against fp32 on 22 real face crops gave
+# IoU >= 0.99977 with the default weights and >= 0.9943 (0.9979 on the sample photo)
+# with a trained head active; 0.99 leaves room for kernels that accumulate in fp16
+# (docs/deploy.md, "The fp16 gate").
+FP16_MIN_IOU = 0.99
 # Gross-error floors, checked even where the targets above are not enforced (untrained
 # weights): a broken conversion (wrong types, overflow, garbage) falls far below them.
 FP32_SANE_MAX_ABS = 1e-2
 FP16_SANE_IOU = 0.95
+ROW_KINDS = ("face", "random", "batch")
 LANDMARKS_MAX_ABS_PX = 1e-2  # landmark stage: largest difference, 120-pixel crop frame
 
 
@@ -83,22 +96,26 @@ def run(runner: Runner, image: np.ndarray, landmarks: np.ndarray | None = None
 @dataclass
 class ParityInput:
     """One named input batch: ``image`` ``(N, C, S, S)`` float32, RGB in [0, 1], and for
-    a landmark-guided model ``landmarks`` ``(N, 68, 3)`` float32 crop pixels."""
+    a landmark-guided model ``landmarks`` ``(N, 68, 3)`` float32 crop pixels; ``kind``
+    ``"face"`` (a real face crop) or ``"random"``."""
 
     label: str
     image: np.ndarray
     landmarks: np.ndarray | None = None
+    kind: str = "random"
 
 
 @dataclass
 class ParityRow:
-    """Differences between reference and candidate volumes for one input."""
+    """Differences between reference and candidate volumes for one input (``kind``
+    ``"face"`` or ``"random"``), or for the batch (``"batch"``)."""
 
     label: str
     batch: int
     max_abs: float
     mean_abs: float
     iou: float
+    kind: str = "face"
 
 
 @dataclass
@@ -109,6 +126,7 @@ class ParityReport:
     precision: str  # "fp32" or "fp16": selects the criterion
     rows: list[ParityRow] = field(default_factory=list)
     enforced: bool = True  # whether missing the target fails (else only gross errors do)
+    accepted: bool = False  # kept although it missed the target (--accept-parity)
 
     @property
     def max_abs(self) -> float:
@@ -120,13 +138,29 @@ class ParityReport:
 
     @property
     def min_iou(self) -> float:
+        """The smallest IoU over every row (random inputs included)."""
         return min(row.iou for row in self.rows)
+
+    @property
+    def gated_rows(self) -> list[ParityRow]:
+        """The rows the fp16 IoU target applies to: the face crops and the batch; every
+        row when there is no face crop (a model without RGB input)."""
+        if not any(row.kind == "face" for row in self.rows):
+            return list(self.rows)
+        return [row for row in self.rows if row.kind != "random"]
+
+    @property
+    def gate_iou(self) -> float:
+        """The smallest IoU over :attr:`gated_rows` (what the fp16 gate compares)."""
+        return min((row.iou for row in self.gated_rows), default=float("nan"))
 
     @property
     def criterion(self) -> str:
         if self.precision == "fp32":
             return f"max |diff| < {FP32_MAX_ABS:g}"
-        return f"occupancy IoU at {OCCUPANCY_LEVEL} >= {FP16_MIN_IOU}"
+        where = ("face crops and batch; random inputs: finite"
+                 if any(row.kind == "face" for row in self.rows) else "every input")
+        return f"occupancy IoU at {OCCUPANCY_LEVEL} >= {FP16_MIN_IOU} on {where}"
 
     @property
     def passed(self) -> bool:
@@ -145,14 +179,14 @@ class ParityReport:
             return False
         if self.precision == "fp32":
             return self.max_abs < max_abs
-        return self.min_iou >= min_iou
+        return self.gate_iou >= min_iou
 
     def to_dict(self) -> dict:
         return {"name": self.name, "precision": self.precision, "criterion": self.criterion,
                 "passed": self.passed, "enforced": self.enforced, "sane": self.sane,
-                "max_abs": self.max_abs,
+                "accepted": self.accepted, "max_abs": self.max_abs,
                 "mean_abs": self.mean_abs, "min_iou": self.min_iou,
-                "rows": [asdict(row) for row in self.rows]}
+                "gate_iou": self.gate_iou, "rows": [asdict(row) for row in self.rows]}
 
 
 def random_images(count: int, channels: int, size: int, *, seed: int = 0) -> list[ParityInput]:
@@ -170,14 +204,46 @@ def random_images(count: int, channels: int, size: int, *, seed: int = 0) -> lis
     return images
 
 
+def sample_photo_and_boxes() -> tuple[np.ndarray, list]:
+    """The packaged sample photo ``(H, W, 3)`` uint8 RGB and three face boxes in it:
+    the detected one, a wider one and a shifted one (the landmark stage then finds other
+    landmarks, and the crops differ as the pipeline's do from frame to frame)."""
+    from ..image_io import load_image, sample_image_path
+    from ..runtime.detect import FaceBox, create_detector
+
+    photo = load_image(sample_image_path())
+    box = create_detector()(photo)[0]
+    return photo, [box, FaceBox(box.x - 15, box.y - 15, box.w + 30, box.h + 30),
+                   FaceBox(box.x + 8, box.y - 6, box.w, box.h)]
+
+
+@functools.lru_cache(maxsize=4)
+def _face_crop_variants(size: int) -> tuple[np.ndarray, np.ndarray]:
+    from ..runtime.crop import to_network_input
+    from ..runtime.landmarks import LandmarkStage
+    from ..runtime.pipeline import landmark_crops
+
+    photo, boxes = sample_photo_and_boxes()
+    _, crops, landmarks = landmark_crops(photo, LandmarkStage()(photo, boxes), size)
+    return to_network_input(crops), landmarks
+
+
+def face_crop_variants(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real face crops of the fp16 gate and ``benchmarks/gpu_check.py``: the sample
+    photo's face in the boxes of :func:`sample_photo_and_boxes`, through the pipeline's
+    landmark stage and landmark crop: ``(3, 3, size, size)`` float32 in [0, 1] and
+    ``(3, 68, 3)`` float32 landmarks in crop pixels."""
+    crops, landmarks = _face_crop_variants(int(size))
+    return crops.copy(), landmarks.copy()
+
+
 def face_images(size: int, face_crops) -> list[ParityInput]:
     """Real face crops as parity inputs: ``face_crops(size)`` returns ``(crops (N, 3,
     size, size) float32, landmarks (N, 68, 3) float32)`` as the pipeline makes them
-    (:func:`vrn.runtime.pipeline.sample_face_crops`; the caller passes it, so that
-    export does not depend on the runtime); image ``(1, 3, size, size)`` and landmarks
-    ``(1, 68, 3)`` each."""
+    (:func:`face_crop_variants`, or :func:`vrn.runtime.pipeline.sample_face_crops`);
+    image ``(1, 3, size, size)`` and landmarks ``(1, 68, 3)`` each."""
     batch, landmarks = face_crops(size)
-    return [ParityInput(f"face {k}", crop[None], lm[None])
+    return [ParityInput(f"face {k}", crop[None], lm[None], kind="face")
             for k, (crop, lm) in enumerate(zip(batch, landmarks))]
 
 
@@ -207,7 +273,8 @@ def parity_inputs(channels: int, size: int, *, random_count: int = 3, faces=None
     return inputs
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, label: str) -> ParityRow:
+def compare(reference: np.ndarray, candidate: np.ndarray, label: str, kind: str = "face"
+            ) -> ParityRow:
     """Differences between two volume batches ``(N, D, H, W)`` float32."""
     if reference.shape != candidate.shape:
         raise ValueError(f"{label}: candidate volume shape {candidate.shape} differs from "
@@ -216,7 +283,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, label: str) -> ParityR
     iou = occupancy_iou(reference, candidate, level=OCCUPANCY_LEVEL)
     max_abs = float(diff.max()) if np.isfinite(candidate).all() else float("inf")
     return ParityRow(label=label, batch=int(reference.shape[0]), max_abs=max_abs,
-                     mean_abs=float(diff.mean()), iou=float(iou))
+                     mean_abs=float(diff.mean()), iou=float(iou), kind=kind)
 
 
 def check_parity(reference: Runner, candidate: Runner, inputs: list[ParityInput], *,
@@ -225,26 +292,27 @@ def check_parity(reference: Runner, candidate: Runner, inputs: list[ParityInput]
     """Run ``inputs`` through both runners (backends) and compare.
 
     Each input runs alone; then, when ``max_batch > 1``, the first ``max_batch`` inputs
-    run through the candidate as one batch and are compared with their single-image
-    reference volumes (row ``"batch of N"``).
+    run through the candidate as one batch (row ``"batch of N"``), compared with their
+    single-image volumes: the reference's for fp32, the candidate's own for fp16 (the
+    batch dimension is checked there, the precision by the single images).
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     report = ParityReport(name=name, precision=precision, enforced=enforced)
-    references = []
+    singles = []
     for item in inputs:
         ref = run(reference, item.image, item.landmarks)
-        references.append(ref)
-        report.rows.append(compare(ref, run(candidate, item.image, item.landmarks),
-                                   item.label))
+        out = run(candidate, item.image, item.landmarks)
+        singles.append(ref if precision == "fp32" else out)
+        report.rows.append(compare(ref, out, item.label, item.kind))
     batched = inputs[:max_batch]
     if len(batched) > 1:
         landmarks = None
         if batched[0].landmarks is not None:
             landmarks = np.concatenate([item.landmarks for item in batched])
         out = run(candidate, np.concatenate([item.image for item in batched]), landmarks)
-        report.rows.append(compare(np.concatenate(references[:len(batched)]), out,
-                                   f"batch of {len(batched)}"))
+        report.rows.append(compare(np.concatenate(singles[:len(batched)]), out,
+                                   f"batch of {len(batched)}", "batch"))
     return report
 
 
@@ -263,12 +331,14 @@ def landmark_difference(reference, candidate, crops: np.ndarray) -> float:
 
 def format_table(reports: list[ParityReport]) -> str:
     """A small fixed-width table: one line per input and comparison, then a verdict."""
-    lines = [f"{'comparison':<28} {'input':<12} {'N':>2} {'max|diff|':>10} "
+    lines = [f"{'comparison':<32} {'input':<12} {'N':>2} {'max|diff|':>10} "
              f"{'mean|diff|':>10} {'IoU@0.5':>8}"]
     for report in reports:
         for row in report.rows:
-            lines.append(f"{report.name:<28} {row.label:<12} {row.batch:>2} "
+            lines.append(f"{report.name:<32} {row.label:<12} {row.batch:>2} "
                          f"{row.max_abs:>10.2e} {row.mean_abs:>10.2e} {row.iou:>8.5f}")
         verdict = "pass" if report.passed else ("FAIL" if report.enforced else "below target")
-        lines.append(f"{report.name:<28} -> {verdict} ({report.criterion})")
+        if report.accepted:
+            verdict += ", kept with --accept-parity"
+        lines.append(f"{report.name:<32} -> {verdict} ({report.criterion})")
     return "\n".join(lines)

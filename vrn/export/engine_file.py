@@ -15,6 +15,7 @@ the sidecar is checked (type and range) when it is read; a bad one is an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -284,8 +285,8 @@ def rebuild_command(engine_path: str | os.PathLike, metadata: EngineMetadata) ->
 
 
 def check_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | None = None,
-                 tensorrt_version: str | None = None, gpu: GpuInfo | None = None
-                 ) -> EngineMetadata:
+                 tensorrt_version: str | None = None, gpu: GpuInfo | None = None,
+                 device_id: int = 0) -> EngineMetadata:
     """Check that ``engine_path`` is intact and was built for this machine.
 
     Parameters
@@ -297,7 +298,9 @@ def check_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | No
     tensorrt_version : str, optional
         The TensorRT version to compare with (default: the installed one).
     gpu : GpuInfo, optional
-        The GPU to compare with (default: CUDA device 0 of this machine).
+        The GPU to compare with (default: CUDA device ``device_id`` of this machine).
+    device_id : int
+        The CUDA device the engine is for.
 
     Returns the metadata. Raises :class:`EngineError` for a missing, truncated or
     corrupt engine and for a mismatch (with the command that rebuilds it), and
@@ -324,9 +327,10 @@ def check_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | No
                           f"machine has TensorRT {tensorrt_version}; engines are not portable "
                           f"between versions: rebuild it here with `{rebuild}`")
     if gpu is None:
-        gpu = current_gpu()
+        gpu = current_gpu(device_id)
         if gpu is None:
-            raise BackendUnavailableError(f"{engine_path}: no CUDA GPU found on this machine")
+            raise BackendUnavailableError(f"{engine_path}: no CUDA GPU {device_id} found on "
+                                          "this machine")
     if gpu.compute_capability != meta.compute_capability:
         raise EngineError(f"{engine_path}: built for {meta.gpu_name} (compute capability "
                           f"{meta.compute_capability}), this machine has {gpu.name} (compute "
@@ -341,14 +345,18 @@ def check_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | No
     return meta
 
 
-def load_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | None = None):
-    """Check ``engine_path`` (:func:`check_engine`) and deserialize it.
+def load_engine(engine_path: str | os.PathLike, *, onnx: str | os.PathLike | None = None,
+                device_id: int = 0):
+    """Check ``engine_path`` against CUDA device ``device_id`` (:func:`check_engine`) and
+    deserialize it there (TensorRT puts an engine on the current device).
 
     Returns ``(engine, metadata)``: a ``tensorrt.ICudaEngine`` and its
     :class:`EngineMetadata`. Raises :class:`EngineError` when TensorRT rejects the file.
     """
-    meta = check_engine(engine_path, onnx=onnx)
-    engine = tensorrt_runtime().deserialize_cuda_engine(Path(engine_path).read_bytes())
+    meta = check_engine(engine_path, onnx=onnx, device_id=device_id)
+    data = Path(engine_path).read_bytes()
+    with cuda_device(device_id):
+        engine = tensorrt_runtime().deserialize_cuda_engine(data)
     if engine is None:
         raise EngineError(f"{engine_path}: TensorRT could not deserialize the engine (see its "
                           f"messages above); rebuild it with "
@@ -378,17 +386,63 @@ CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    """The CUDA driver library, or ``None`` where there is no NVIDIA driver."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+@functools.cache
+def _primary_context(device_id: int) -> int | None:
+    """Device ``device_id``'s primary context (retained once, for the process's life:
+    the one context TensorRT, torch and numba-cuda all use), or ``None``."""
+    lib = _libcuda()
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    if lib is None or lib.cuInit(0) != 0 \
+            or lib.cuDeviceGet(ctypes.byref(device), int(device_id)) != 0 \
+            or lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) != 0:
+        return None
+    return context.value
+
+
+@contextlib.contextmanager
+def cuda_device(device_id: int = 0):
+    """Make CUDA device ``device_id`` current on this thread for the block, as
+    ``cudaSetDevice`` would, through the driver (so this needs neither torch nor
+    numba-cuda): its primary context is pushed, then popped. TensorRT builds,
+    deserializes and runs engines on the current device. Nothing happens where the
+    device is current already, or without a driver (the caller's next CUDA call then
+    fails with its own message)."""
+    lib = _libcuda()
+    context = _primary_context(int(device_id)) if lib is not None else None
+    if context is None:
+        if lib is not None and current_gpu(device_id) is None:
+            raise BackendUnavailableError(f"no CUDA device {device_id} on this machine")
+        yield
+        return
+    current = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(current)) == 0 and current.value == context:
+        yield
+        return
+    if lib.cuCtxPushCurrent_v2(ctypes.c_void_p(context)) != 0:
+        raise BackendUnavailableError(f"cannot make CUDA device {device_id} current")
+    try:
+        yield
+    finally:
+        lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
+
 def current_gpu(device: int = 0) -> GpuInfo | None:
     """Name and compute capability of CUDA device ``device``, from the CUDA driver
     (``libcuda``, present wherever an NVIDIA driver is, Jetson included); ``None``
     without a driver or device."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
+    lib = _libcuda()
+    if lib is None:
         return None
     handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     gpu_name = ctypes.create_string_buffer(256)

@@ -6,10 +6,11 @@ there is no weakly typed fallback to drift into. TensorRT 11 is always strongly 
 and deprecates ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; 10.x needs the flag.
 
 Build: ``parse_from_file``, a workspace limit, one optimization profile over the batch
-range, the timing cache read from and written back beside the engine, detailed
-profiling verbosity (for the inspector), ``build_serialized_network``. Then the engine
-is deserialized and inspected with concrete shapes; an fp16 graph whose engine holds no
-fp16 layer fails the build.
+range (tuned for batch 1, live use, unless asked otherwise; its maximum is the one the
+graph was exported for), the timing cache read from and written back beside the engine,
+detailed profiling verbosity (for the inspector), ``build_serialized_network``, all on
+the chosen CUDA device. Then the engine is deserialized and inspected with concrete
+shapes; an fp16 graph whose engine holds no fp16 layer fails the build.
 
 ``tensorrt`` is imported inside the functions; nothing here runs without it.
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import BackendUnavailableError, EngineError
-from .engine_file import EngineMetadata, current_gpu, sha256_file, write_engine
+from .engine_file import EngineMetadata, cuda_device, current_gpu, sha256_file, write_engine
 from .tensorrt_lib import import_tensorrt, parse_version, tensorrt_logger
 
 TIMING_CACHE_NAME = "timing.cache"
@@ -134,10 +135,22 @@ def _timing_cache(config, path: Path) -> bool:
     return False
 
 
+def graph_max_batch(onnx_path: str | os.PathLike) -> int:
+    """The largest batch ``onnx_path`` was exported for (its ``max_batch`` metadata, as
+    :mod:`.onnx_export` writes it), else the export's default."""
+    from .onnx_export import DEFAULT_MAX_BATCH, onnx_metadata
+
+    try:
+        return max(1, int(onnx_metadata(onnx_path).get("max_batch", DEFAULT_MAX_BATCH)))
+    except ValueError:
+        return DEFAULT_MAX_BATCH
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
-                 max_batch: int, min_batch: int = 1, opt_batch: int | None = None,
+                 max_batch: int | None = None, min_batch: int = 1, opt_batch: int = 1,
                  workspace_gb: float | None = None, precision: str,
-                 timing_cache: str | os.PathLike | None = None) -> EngineBuild:
+                 timing_cache: str | os.PathLike | None = None,
+                 device_id: int = 0) -> EngineBuild:
     """Build ``engine_path`` (and its sidecar) from ``onnx_path`` on this GPU.
 
     Parameters
@@ -147,7 +160,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     engine_path : path
         Written atomically with ``<engine>.json`` beside it.
     max_batch, min_batch, opt_batch : int
-        The optimization profile's batch range; ``opt_batch`` defaults to ``max_batch``.
+        The optimization profile's batch range, ``min <= opt <= max``; TensorRT picks its
+        kernels for ``opt_batch`` (default 1: the live pipeline's batch). ``max_batch``
+        defaults to the batch the graph was exported for (:func:`graph_max_batch`).
     workspace_gb : float, optional
         Limit on the builder's workspace memory pool (GiB); TensorRT's default otherwise.
     precision : {"fp16", "fp32"}
@@ -156,33 +171,41 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     timing_cache : path, optional
         Timing cache file, read if present and written back after the build
         (default: ``timing.cache`` beside the engine).
+    device_id : int
+        The CUDA device to build on (the engine runs on that GPU model).
     """
     from .onnx_export import onnx_metadata
 
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not 1 <= min_batch <= max_batch:
-        raise ValueError(f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}")
-    batch = {"min": min_batch, "opt": opt_batch or max_batch, "max": max_batch}
+    if max_batch is None:
+        max_batch = graph_max_batch(onnx_path)
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"batch range must satisfy 1 <= min <= opt <= max, got min "
+                         f"{min_batch}, opt {opt_batch}, max {max_batch}")
+    batch = {"min": min_batch, "opt": opt_batch, "max": max_batch}
     cache_path = Path(timing_cache) if timing_cache else engine_path.parent / TIMING_CACHE_NAME
-    gpu = current_gpu()
+    gpu = current_gpu(device_id)
     if gpu is None:
-        raise BackendUnavailableError("no CUDA GPU found: engines are built on the GPU "
-                                      "that will run them")
-    # The parser holds the weights: it stays alive until the build is done.
-    builder, network, _parser = parse_network(trt, onnx_path)
-    config, shapes = builder_config(trt, builder, network, batch, workspace_gb=workspace_gb,
-                                    precision=precision, source=onnx_path)
-    cache_reused = _timing_cache(config, cache_path)
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its "
-                          "messages above)")
-    engine_bytes = bytes(serialized)
-    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    precisions, inputs, outputs = _inspect_build(engine_bytes, shapes, precision, onnx_path)
+        raise BackendUnavailableError(f"no CUDA GPU {device_id} found: engines are built on "
+                                      "the GPU that will run them")
+    with cuda_device(device_id):
+        # The parser holds the weights: it stays alive until the build is done.
+        builder, network, _parser = parse_network(trt, onnx_path)
+        config, shapes = builder_config(trt, builder, network, batch,
+                                        workspace_gb=workspace_gb, precision=precision,
+                                        source=onnx_path)
+        cache_reused = _timing_cache(config, cache_path)
+        start = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config)
+        seconds = time.perf_counter() - start
+        if serialized is None:
+            raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see its "
+                              "messages above)")
+        engine_bytes = bytes(serialized)
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        precisions, inputs, outputs = _inspect_build(engine_bytes, shapes, precision,
+                                                     onnx_path)
     metadata = EngineMetadata(
         tensorrt_version=str(trt.__version__), gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
@@ -232,7 +255,9 @@ def builder_config(trt, builder, network, batch: dict, *, workspace_gb: float | 
                               f"other than the batch: {shape}")
         profile.set_shape(tensor.name, *([batch[k], *shape[1:]] for k in ("min", "opt", "max")))
         shapes[tensor.name] = (batch["opt"], *shape[1:])
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineError(f"{source}: TensorRT rejects the optimization profile {batch} "
+                          f"for inputs {shapes}")
     return config, shapes
 
 

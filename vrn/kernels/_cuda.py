@@ -23,11 +23,21 @@ operations (no multiplications, so no fused multiply-add can change a bit).
 
 The kernels use shared memory, ``syncthreads`` and integer atomics only (no warp
 intrinsics), so the Numba CUDA simulator runs the very same code.
+
+Launches: a block is one segment, so its size is capped by what the compiled kernels can
+launch on the device (:func:`kernel_limits`: the emit kernel's 71-77 registers per
+thread allow 800-896 threads, not 1024). The work runs in the context of the volumes'
+own device (:func:`on_device`), and a call's kernels wait on the device for the previous
+call's (an event), since they share the cached buffers whatever stream each runs on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
@@ -340,7 +350,8 @@ def as_device_array(obj):
     ``obj`` is a Numba device array (its own ``stream``: the meshes made here carry the
     stream they were made on), a CUDA ``torch.Tensor`` (torch's current stream on its
     device), or any other ``__cuda_array_interface__`` object (the interface's stream
-    when it names one). Nothing is copied or synchronised.
+    when it names one). Nothing is copied or synchronised. Call it with ``obj``'s device
+    current (:func:`on_device`): the view belongs to the current context.
     """
     if type(obj).__module__.startswith("numba.cuda"):
         return obj, obj.stream or 0  # the stream a device array was made for
@@ -372,12 +383,154 @@ def add_batch_axis(array):
                          gpu_data=array.gpu_data)
 
 
+# --- devices --------------------------------------------------------------------------
+
+_CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+
+
 def current_device_id() -> int:
-    """Id of the current CUDA device (0 under the simulator)."""
+    """Id of the current CUDA device (0 under the simulator, or without a driver)."""
     try:
         return int(cuda.get_current_device().id)
-    except AttributeError:
+    except Exception:  # the simulator has no such call; no driver: numba's own errors
         return 0
+
+
+def array_device_id(obj) -> int | None:
+    """The CUDA device whose memory ``obj`` (a CUDA array) is on: a torch tensor's
+    device, a Numba device array's context's device, else what the driver says of its
+    address; ``None`` when it cannot be told (the simulator)."""
+    module = type(obj).__module__
+    if module.startswith("torch"):
+        return None if obj.device.index is None else int(obj.device.index)
+    if module.startswith("numba.cuda"):
+        context = getattr(getattr(obj, "gpu_data", None), "context", None)
+        device = getattr(context, "device", None)
+        return None if device is None else int(device.id)
+    try:
+        pointer = int(obj.__cuda_array_interface__["data"][0])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return _pointer_device(pointer)
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _pointer_device(pointer: int) -> int | None:
+    """The device of a unified device address (``cuPointerGetAttribute``), or ``None``."""
+    lib = _libcuda() if pointer else None
+    if lib is None:
+        return None
+    ordinal = ctypes.c_int(-1)
+    status = lib.cuPointerGetAttribute(ctypes.byref(ordinal),
+                                       _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                       ctypes.c_uint64(pointer))
+    return int(ordinal.value) if status == 0 and ordinal.value >= 0 else None
+
+
+@contextlib.contextmanager
+def on_device(device_id: int | None):
+    """Make CUDA device ``device_id``'s primary context current for the block (Numba's
+    ``cuda.gpus[device_id]``, which torch and TensorRT share); nothing to do for
+    ``None`` or for the device already current."""
+    if device_id is None or device_id == current_device_id():
+        yield
+        return
+    with cuda.gpus[device_id]:
+        yield
+
+
+# --- launch limits --------------------------------------------------------------------
+
+WARP = 32
+REGISTERS_PER_BLOCK = 65536  # the register file one block may use, compute capability 5.0-12.x
+_REGISTER_UNIT = 256  # registers are allocated to each warp in units of 256
+
+
+def register_block_limit(registers_per_thread: int,
+                         registers_per_block: int = REGISTERS_PER_BLOCK) -> int:
+    """The largest block (whole warps, at most 1024 threads) whose registers fit in
+    ``registers_per_block`` at ``registers_per_thread`` each. The emit kernel's 71-77
+    registers (ptxas, sm_87 and sm_90) allow 800-896 threads: more fails to launch."""
+    per_warp = _ceil_div(max(1, int(registers_per_thread)) * WARP, _REGISTER_UNIT) \
+        * _REGISTER_UNIT
+    return min(MAX_THREADS, registers_per_block // per_warp * WARP)
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """The largest blocks the compiled kernels launch with on the current device:
+    ``threads`` for the count and emit kernels (one segment), ``scan_threads`` for the
+    scan; ``registers``: registers per thread of each (empty under the simulator)."""
+
+    threads: int
+    scan_threads: int
+    registers: dict = field(default_factory=dict)
+
+
+_limits: dict = {}
+
+
+def kernel_limits(volume_type) -> KernelLimits:
+    """:class:`KernelLimits` for volumes of Numba type ``volume_type`` (``(N, D, H, W)``
+    arrays), from the kernels compiled for it on the current device: each kernel's
+    ``max_threads_per_block`` (the driver's limit, which counts its registers) and the
+    register file divided by its registers per thread, whichever is smaller."""
+    if not hasattr(_emit_kernel, "compile"):  # the simulator's kernels: no registers
+        return KernelLimits(MAX_THREADS, _SCAN_MAX_THREADS)
+    key = (volume_type, current_device_id())
+    if key not in _limits:
+        registers, limits = {}, {}
+        for name, kernel, argtypes in _launch_types(volume_type):
+            compiled = kernel.compile(argtypes)
+            registers[name] = int(compiled.regs_per_thread)
+            limit = min(int(compiled.max_threads_per_block),
+                        register_block_limit(registers[name]))
+            limits[name] = limit // WARP * WARP
+        _limits[key] = KernelLimits(min(limits["count"], limits["emit"], MAX_THREADS),
+                                    min(limits["scan"], _SCAN_MAX_THREADS), registers)
+    return _limits[key]
+
+
+def _launch_types(volume_type) -> list:
+    """``(name, kernel, argument types)`` of the three kernels as :meth:`MarchingCubesCUDA.run`
+    launches them on volumes of Numba type ``volume_type``."""
+    from numba import types
+
+    def array(dtype, ndim):
+        return types.Array(dtype, ndim, "C")
+
+    f32, i32, i64 = types.float32, types.int32, types.int64
+    table, bits = array(types.int8, 2), array(types.uint32, 4)
+    totals = (array(i32, 1), array(i32, 1))
+    bases = (array(i64, 1), array(i64, 1), array(i64, 2))
+    return [("count", _count_kernel, (volume_type, f32, table, bits) + totals),
+            ("scan", _scan_kernel, totals + (i64,) + bases),
+            ("emit", _emit_kernel, (volume_type, f32, f32, f32, table, bits) + totals + bases
+             + (array(f32, 2), array(i32, 2)))]
+
+
+def _volume_type(dtype, contiguous: bool = True):
+    """The Numba type of ``(N, D, H, W)`` device arrays of ``dtype``."""
+    from numba import from_dtype, types
+
+    return types.Array(from_dtype(np.dtype(dtype)), 4, "C" if contiguous else "A")
+
+
+def _event():
+    """A CUDA event for ordering streams (no timing)."""
+    try:
+        return cuda.event(timing=False)
+    except TypeError:  # the simulator's events take no arguments
+        return cuda.event()
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -391,26 +544,37 @@ class MarchingCubesCUDA:
     ----------
     shape : tuple of int
         ``(N, D, H, W)``: volumes per batch, depth, rows, columns.
+    dtype : numpy dtype
+        The volumes' dtype (float32, float16 or uint8); with ``contiguous``, it selects
+        the compiled kernels whose limits apply (:func:`kernel_limits`).
+    contiguous : bool
+        Whether the volumes will be C-contiguous (else strided views).
     threads : int, optional
         Points per segment (threads per block of the count and emit kernels), a multiple
-        of 32 up to 1024. Default: ``W`` rounded up to a multiple of 32, at most 1024.
+        of 32 up to the compiled kernels' limit on this device (about 800 for the emit
+        kernel's registers). Default: ``W`` rounded up to a multiple of 32, at most that
+        limit.
     scan_threads : int, optional
         Threads of the single scan block. Default: the segment count rounded up to a
-        multiple of 32, at most 1024.
+        multiple of 32, at most 1024 (or the scan kernel's limit).
 
     Notes
     -----
-    Not thread-safe: one caller at a time (the module-level entry points lock).
+    Calls may come from several streams: each call's kernels wait (on the device, by an
+    event) for the previous call's kernels, which read and write the same buffers. The
+    host side is not thread-safe: one caller at a time (the module-level entry points
+    lock).
     """
 
-    def __init__(self, shape: tuple[int, int, int, int], *, threads: int | None = None,
+    def __init__(self, shape: tuple[int, int, int, int], *, dtype=np.float32,
+                 contiguous: bool = True, threads: int | None = None,
                  scan_threads: int | None = None) -> None:
         n_volumes, depth, height, width = (int(s) for s in shape)
+        self._volume_key = (np.dtype(dtype), bool(contiguous))
+        limits = kernel_limits(_volume_type(dtype, contiguous))
         if threads is None:
-            threads = min(MAX_THREADS, _ceil_div(width, WORD_BITS) * WORD_BITS)
-        if threads % WORD_BITS or not WORD_BITS <= threads <= MAX_THREADS:
-            raise ValueError(f"threads must be a multiple of {WORD_BITS} in "
-                             f"[{WORD_BITS}, {MAX_THREADS}]; got {threads}")
+            threads = min(limits.threads, _ceil_div(width, WARP) * WARP)
+        self._check_threads(threads, limits)
         if height > 65535 or n_volumes * depth > 65535:
             raise ValueError(f"volume batch {shape} is too large for one launch grid "
                              "(H and N * D must be at most 65535)")
@@ -421,11 +585,12 @@ class MarchingCubesCUDA:
         self.segs_per_volume = depth * height * n_chunks
         n_segs = n_volumes * self.segs_per_volume
         if scan_threads is None:
-            scan_threads = min(_SCAN_MAX_THREADS, _ceil_div(n_segs, WORD_BITS) * WORD_BITS)
-        if not 1 <= scan_threads <= _SCAN_MAX_THREADS:
-            raise ValueError(f"scan_threads must be in [1, {_SCAN_MAX_THREADS}]; "
+            scan_threads = min(limits.scan_threads, _ceil_div(n_segs, WARP) * WARP)
+        if not 1 <= scan_threads <= limits.scan_threads:
+            raise ValueError(f"scan_threads must be in [1, {limits.scan_threads}]; "
                              f"got {scan_threads}")
         self.scan_threads = scan_threads
+        self.limits = limits
         self.case_table = cuda.to_device(CASE_TABLE)
         self.bits = cuda.device_array((n_volumes, depth, height, _ceil_div(width, WORD_BITS)),
                                       dtype=np.uint32)
@@ -437,6 +602,20 @@ class MarchingCubesCUDA:
         self.host_offsets = cuda.pinned_array((2, n_volumes + 1), dtype=np.int64)
         self._vertices = cuda.device_array((0, 3), dtype=np.float32)
         self._faces = cuda.device_array((0, 3), dtype=np.int32)
+        self._done = _event()  # recorded after each call's last kernel
+        self._recorded = False
+
+    @staticmethod
+    def _check_threads(threads, limits: KernelLimits) -> None:
+        if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) \
+                or threads % WORD_BITS or not WORD_BITS <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be a multiple of {WORD_BITS} in "
+                             f"[{WORD_BITS}, {MAX_THREADS}]; got {threads!r}")
+        if threads > limits.threads:
+            used = ", ".join(f"{name} {n}" for name, n in limits.registers.items())
+            raise ValueError(f"threads={threads} is more than the compiled kernels can launch "
+                             f"per block on this device ({limits.threads}; registers per "
+                             f"thread: {used or 'unknown'})")
 
     def __call__(self, volume, level: float = 0.5, *, stream=None):
         """Mesh a ``(D, H, W)`` CUDA array (for ``N == 1``), or a ``(N, D, H, W)`` one.
@@ -463,7 +642,12 @@ class MarchingCubesCUDA:
         if tuple(volumes.shape) != self.shape:
             raise ValueError(f"volumes have shape {tuple(volumes.shape)}; this workspace "
                              f"was made for {self.shape}")
+        key = (np.dtype(volumes.dtype), bool(volumes.is_c_contiguous()))
+        if key != self._volume_key:  # other compiled kernels: check their limits too
+            self._check_threads(self.threads, kernel_limits(_volume_type(*key)))
         threshold, level, divisor = np.float32(threshold), np.float32(level), np.float32(divisor)
+        if self._recorded:  # the last call's kernels (any stream) are done with our buffers
+            self._done.wait(stream)
         _count_kernel[self.grid, self.threads, stream](
             volumes, threshold, self.case_table, self.bits, self.seg_vertices,
             self.seg_triangles)
@@ -494,6 +678,8 @@ class MarchingCubesCUDA:
                 volumes, threshold, level, divisor, self.case_table, self.bits,
                 self.seg_vertices, self.seg_triangles, self.seg_vertex_base,
                 self.seg_face_base, self.offsets, vertices, faces)
+        self._done.record(stream)
+        self._recorded = True
         meshes = []
         for n in range(self.shape[0]):
             mesh = (vertices[vertex_offsets[n]:vertex_offsets[n + 1]],
@@ -511,22 +697,26 @@ _workspaces_lock = threading.Lock()
 def marching_cubes_cuda(volumes, level, stream, ndim: int, workspace=None,
                         reuse_output: bool = False) -> list:
     """The CUDA path of :func:`vrn.kernels.marching_cubes` (``ndim`` 3) and
-    ``marching_cubes_batch`` (``ndim`` 4): one cached :class:`MarchingCubesCUDA` per shape
-    and device, or ``workspace``."""
-    device_volumes, default_stream = as_device_array(volumes)
-    check_volume(device_volumes.shape, device_volumes.dtype, ndim)
-    level = check_level(level)
-    if ndim == 3:
-        device_volumes = add_batch_axis(device_volumes)
-    if stream is None:
-        stream = default_stream
-    threshold, level, divisor = classification(device_volumes.dtype, level)
-    if workspace is not None:
-        return workspace.run(device_volumes, threshold, level, divisor, stream=stream,
-                             reuse_output=reuse_output)
-    key = (tuple(device_volumes.shape), current_device_id())
-    with _workspaces_lock:
-        workspace = _workspaces.get(key)
-        if workspace is None:
-            workspace = _workspaces[key] = MarchingCubesCUDA(device_volumes.shape)
-        return workspace.run(device_volumes, threshold, level, divisor, stream=stream)
+    ``marching_cubes_batch`` (``ndim`` 4), in the context of the volumes' own device:
+    one cached :class:`MarchingCubesCUDA` per shape, dtype, layout and device, or
+    ``workspace``."""
+    with on_device(array_device_id(volumes)):
+        device_volumes, default_stream = as_device_array(volumes)
+        check_volume(device_volumes.shape, device_volumes.dtype, ndim)
+        level = check_level(level)
+        if ndim == 3:
+            device_volumes = add_batch_axis(device_volumes)
+        if stream is None:
+            stream = default_stream
+        threshold, level, divisor = classification(device_volumes.dtype, level)
+        if workspace is not None:
+            return workspace.run(device_volumes, threshold, level, divisor, stream=stream,
+                                 reuse_output=reuse_output)
+        dtype, contiguous = np.dtype(device_volumes.dtype), device_volumes.is_c_contiguous()
+        key = (tuple(device_volumes.shape), dtype, contiguous, current_device_id())
+        with _workspaces_lock:
+            workspace = _workspaces.get(key)
+            if workspace is None:
+                workspace = _workspaces[key] = MarchingCubesCUDA(
+                    device_volumes.shape, dtype=dtype, contiguous=contiguous)
+            return workspace.run(device_volumes, threshold, level, divisor, stream=stream)

@@ -1,7 +1,7 @@
 """Numba-CUDA twins of the per-vertex kernels of :mod:`.mesh_ops` (same operations in
-the same order, one thread per vertex). They run on the stream of their ``vertices``
-(for a mesh from :func:`vrn.kernels.marching_cubes`, the stream it was made on), and
-their results carry that stream."""
+the same order, one thread per vertex). They run on the device and the stream of their
+``vertices`` (for a mesh from :func:`vrn.kernels.marching_cubes`, the stream it was made
+on), and their results carry that stream."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64, uint8
 
 from ._checks import check_crop, check_vertices
-from ._cuda import as_device_array
+from ._cuda import array_device_id, as_device_array, on_device
 
 _THREADS = 256
 
@@ -66,27 +66,29 @@ def _blocks(n: int) -> int:
 
 def transform_vertices(vertices, coefficients: np.ndarray, out=None):
     """GPU :func:`vrn.kernels.transform_vertices`; ``coefficients`` as packed there."""
-    vertices, stream = as_device_array(vertices)
-    check_vertices(vertices.shape, vertices.dtype)
-    if out is None:
-        out = cuda.device_array(vertices.shape, dtype=np.float32, stream=stream)
-    c = [float(v) for v in coefficients[:6]]
-    _transform_kernel[_blocks(vertices.shape[0]), _THREADS, stream](
-        vertices, *c, np.float32(coefficients[6]), out)
+    with on_device(array_device_id(vertices)):
+        vertices, stream = as_device_array(vertices)
+        check_vertices(vertices.shape, vertices.dtype)
+        if out is None:
+            out = cuda.device_array(vertices.shape, dtype=np.float32, stream=stream)
+        c = [float(v) for v in coefficients[:6]]
+        _transform_kernel[_blocks(vertices.shape[0]), _THREADS, stream](
+            vertices, *c, np.float32(coefficients[6]), out)
     return out
 
 
 def vertex_colors(crop, vertices, out=None):
     """GPU :func:`vrn.kernels.vertex_colors`."""
-    vertices, stream = as_device_array(vertices)
-    check_vertices(vertices.shape, vertices.dtype)
-    if isinstance(crop, np.ndarray):
-        check_crop(crop.shape, crop.dtype)
-        crop = cuda.to_device(np.ascontiguousarray(crop), stream=stream)
-    else:
-        crop, _ = as_device_array(crop)
-        check_crop(crop.shape, crop.dtype)
-    if out is None:
-        out = cuda.device_array(vertices.shape, dtype=np.uint8, stream=stream)
-    _colors_kernel[_blocks(vertices.shape[0]), _THREADS, stream](crop, vertices, out)
+    with on_device(array_device_id(vertices)):
+        vertices, stream = as_device_array(vertices)
+        check_vertices(vertices.shape, vertices.dtype)
+        if isinstance(crop, np.ndarray):
+            check_crop(crop.shape, crop.dtype)
+            crop = cuda.to_device(np.ascontiguousarray(crop), stream=stream)
+        else:
+            crop, _ = as_device_array(crop)
+            check_crop(crop.shape, crop.dtype)
+        if out is None:
+            out = cuda.device_array(vertices.shape, dtype=np.uint8, stream=stream)
+        _colors_kernel[_blocks(vertices.shape[0]), _THREADS, stream](crop, vertices, out)
     return out

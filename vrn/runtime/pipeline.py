@@ -112,7 +112,8 @@ class Reconstructor:
         self.level = level
         self.z_scale = self.model_info.z_scale if self.model_info is not None else 0.5
         self.on_gpu = getattr(backend, "device", "cpu") == "cuda"
-        self._upload = _Uploader(getattr(backend, "device_id", None) or 0)
+        self.device_id = getattr(backend, "device_id", None) or 0  # the backend's GPU
+        self._upload = _Uploader(self.device_id)
 
     def __call__(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None,
                  landmarks: np.ndarray | None = None) -> FrameResult:
@@ -121,7 +122,7 @@ class Reconstructor:
         ``landmarks`` ``(N, 68, 3)`` photo pixels, one per box, skips the landmark stage.
         A frame without faces gives a result with no faces."""
         timer = StageTimer()
-        sync = _synchronize_device if self.on_gpu else None
+        sync = (lambda: _synchronize_device(self.device_id)) if self.on_gpu else None
         image = as_rgb_uint8(image)
         with timer("detect"):
             if boxes is None:
@@ -235,19 +236,22 @@ def sample_face_crops(size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     return face_crops(load_image(sample_image_path()), size=size)
 
 
-def _synchronize_device() -> None:
-    """Wait for all work on the current CUDA device (stage timing on a GPU)."""
+def _synchronize_device(device_id: int = 0) -> None:
+    """Wait for all work on CUDA device ``device_id`` (stage timing on a GPU)."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device_id)
             return
     except ImportError:
         pass
     from numba import cuda
 
-    cuda.synchronize()
+    from ..kernels._cuda import on_device
+
+    with on_device(device_id):
+        cuda.synchronize()
 
 
 class _Uploader:
@@ -266,7 +270,8 @@ class _Uploader:
         self._copied = None  # torch.cuda.Event after the last copy out of _host
 
     def __call__(self, batch: np.ndarray):
-        """``batch`` (any shape, float32) on the current CUDA device's current stream."""
+        """``batch`` (any shape, float32) on CUDA device :attr:`device_id`, ordered on its
+        current stream."""
         try:
             import torch
         except ImportError:
@@ -274,7 +279,10 @@ class _Uploader:
         if torch is None or not torch.cuda.is_available():
             from numba import cuda
 
-            return cuda.to_device(batch)
+            from ..kernels._cuda import on_device
+
+            with on_device(self.device_id):
+                return cuda.to_device(batch)
         if self._copied is not None:
             self._copied.synchronize()  # the last copy has read the buffer
         source = torch.from_numpy(np.ascontiguousarray(batch))

@@ -2,12 +2,15 @@
 address of a CUDA array, and the one buffer provider (:func:`device_buffers`) behind the
 TensorRT and ONNX Runtime GPU backends.
 
-A buffer provider owns one non-default CUDA stream and makes, fills, joins, converts
-and hands back the device arrays on it. :class:`TorchBuffers` (torch CUDA tensors) is
-used wherever torch has CUDA; :class:`NumbaBuffers` (numba-cuda device arrays) is the
-fallback. Both kinds expose ``__cuda_array_interface__``, so either goes straight into
-:mod:`vrn.kernels` and to TensorRT or ONNX Runtime by address. Only the torch provider
-captures CUDA graphs.
+A buffer provider owns one non-default CUDA stream on one device and makes, fills,
+joins, converts and hands back the device arrays on it, each in that device's context
+(:meth:`activate`), so a provider for ``cuda:1`` never touches device 0.
+:class:`TorchBuffers` (torch CUDA tensors) is used wherever torch has CUDA;
+:class:`NumbaBuffers` (numba-cuda device arrays) is the fallback. Both kinds expose
+``__cuda_array_interface__``, so either goes straight into :mod:`vrn.kernels` and to
+TensorRT or ONNX Runtime by address. Only the torch provider captures CUDA graphs, in
+thread-local capture mode (as trtexec does), so another thread's CUDA calls cannot
+invalidate a capture.
 """
 
 from __future__ import annotations
@@ -34,11 +37,18 @@ def device_pointer(array) -> int:
 
 def device_buffers(device_id: int = 0):
     """The buffer provider for CUDA device ``device_id``: :class:`TorchBuffers` when torch
-    has CUDA, else :class:`NumbaBuffers`."""
+    has CUDA, else :class:`NumbaBuffers` (:class:`~vrn.errors.BackendUnavailableError`
+    saying why when neither can run)."""
     torch = torch_cuda()
     if torch is not None:
         return TorchBuffers(torch, device_id)
     return NumbaBuffers(device_id)
+
+
+def describe_buffers(buffers) -> str:
+    """``"torch CUDA tensors on cuda:0"``: what a provider's arrays are, for messages."""
+    kinds = {"torch": "torch CUDA tensors", "numba-cuda": "numba-cuda device arrays"}
+    return f"{kinds.get(buffers.kind, buffers.kind)} on cuda:{buffers.device_id}"
 
 
 class TorchBuffers:
@@ -57,9 +67,17 @@ class TorchBuffers:
 
     def __init__(self, torch, device_id: int = 0):
         self.torch = torch
-        self.device = torch.device("cuda", device_id)
+        self.device_id = int(device_id)
+        if not 0 <= self.device_id < torch.cuda.device_count():
+            raise BackendUnavailableError(f"no CUDA device {device_id} (torch sees "
+                                          f"{torch.cuda.device_count()})")
+        self.device = torch.device("cuda", self.device_id)
         # A non-default stream: TensorRT synchronises extra on the legacy default one.
         self.stream = torch.cuda.Stream(device=self.device)
+
+    def activate(self):
+        """A context manager making our device current (``torch.cuda.device``)."""
+        return self.torch.cuda.device(self.device)
 
     @property
     def stream_handle(self) -> int:
@@ -133,9 +151,13 @@ class TorchBuffers:
         return array
 
     def capture(self, launch):
-        """A ``torch.cuda.CUDAGraph`` of what ``launch()`` queues on our stream."""
+        """A ``torch.cuda.CUDAGraph`` of what ``launch()`` queues on our stream, captured
+        in thread-local mode (``cudaStreamCaptureModeThreadLocal``, as trtexec
+        captures): unsafe CUDA calls from other threads do not invalidate it. A failed
+        capture raises (torch's ``RuntimeError``)."""
         graph = self.torch.cuda.CUDAGraph()
-        with self.torch.cuda.graph(graph, stream=self.stream):
+        with self.torch.cuda.graph(graph, stream=self.stream,
+                                   capture_error_mode="thread_local"):
             launch()
         return graph
 
@@ -161,13 +183,22 @@ class NumbaBuffers:
         except ImportError:
             raise BackendUnavailableError("GPU buffers need torch with CUDA or numba-cuda "
                                           "(`pip install 'vrn-edge[gpu]'`)") from None
+        self.cuda = cuda
+        self.device_id = int(device_id)
         try:
-            cuda.select_device(device_id)
-            self.stream = cuda.stream()
+            if not cuda.is_available():
+                raise RuntimeError("numba-cuda finds no CUDA driver or device")
+            with self.activate():
+                self.stream = cuda.stream()
         except Exception as exc:  # no driver or device: numba's own error types
             raise BackendUnavailableError(f"no usable CUDA device {device_id} for "
                                           f"numba-cuda ({exc})") from None
-        self.cuda = cuda
+
+    def activate(self):
+        """A context manager making our device's primary context current."""
+        from ...kernels._cuda import on_device
+
+        return on_device(self.device_id)
 
     @property
     def stream_handle(self) -> int:
@@ -181,32 +212,38 @@ class NumbaBuffers:
         return device_pointer(array)
 
     def empty(self, shape, dtype=np.float32):
-        return self.cuda.device_array(tuple(shape), dtype=dtype, stream=self.stream)
+        with self.activate():
+            return self.cuda.device_array(tuple(shape), dtype=dtype, stream=self.stream)
 
     def upload(self, array, out=None):
         """``array`` as a C-contiguous float32 device array: a CUDA array in place (it
         must already be contiguous float32), a host array copied (into ``out`` when
         given) on our stream."""
-        if self.cuda.is_cuda_array(array):
-            x = self.cuda.as_cuda_array(array)
-            if x.dtype != np.float32 or not x.is_c_contiguous():
-                raise ValueError("a CUDA batch must be C-contiguous float32")
-            return x
-        host = np.ascontiguousarray(array, dtype=np.float32)
-        if out is not None:
-            out.copy_to_device(host, stream=self.stream)
-            return out
-        return self.cuda.to_device(host, stream=self.stream)
+        with self.activate():
+            if self.cuda.is_cuda_array(array):
+                x = self.cuda.as_cuda_array(array)
+                if x.dtype != np.float32 or not x.is_c_contiguous():
+                    raise ValueError("a CUDA batch must be C-contiguous float32")
+                return x
+            host = np.ascontiguousarray(array, dtype=np.float32)
+            if out is not None:
+                out.copy_to_device(host, stream=self.stream)
+                return out
+            return self.cuda.to_device(host, stream=self.stream)
 
     def copy_into(self, dst, src) -> None:
-        dst.copy_to_device(src, stream=self.stream)
+        with self.activate():
+            dst.copy_to_device(src, stream=self.stream)
 
     def fill(self, array, value: float) -> None:
-        array.copy_to_device(np.full(array.shape, value, array.dtype), stream=self.stream)
+        with self.activate():
+            array.copy_to_device(np.full(array.shape, value, array.dtype),
+                                 stream=self.stream)
 
     def clone(self, array):
         out = self.empty(array.shape, array.dtype)
-        out.copy_to_device(array, stream=self.stream)
+        with self.activate():
+            out.copy_to_device(array, stream=self.stream)
         return out
 
     def as_float32(self, array):
@@ -219,22 +256,25 @@ class NumbaBuffers:
         total = sum(int(c.shape[0]) for c in chunks)
         out = self.empty((total,) + tuple(chunks[0].shape[1:]), chunks[0].dtype)
         start = 0
-        for c in chunks:
-            out[start:start + c.shape[0]].copy_to_device(c, stream=self.stream)
-            start += c.shape[0]
+        with self.activate():
+            for c in chunks:
+                out[start:start + c.shape[0]].copy_to_device(c, stream=self.stream)
+                start += c.shape[0]
         return out
 
     def to_host(self, array) -> np.ndarray:
-        host = array.copy_to_host(stream=self.stream)  # asynchronous on a stream
-        self.stream.synchronize()
+        with self.activate():
+            host = array.copy_to_host(stream=self.stream)  # asynchronous on a stream
+            self.stream.synchronize()
         return host
 
     def hand_over(self, array):
         """Order the legacy default stream (where :mod:`vrn.kernels` launches for numba
         arrays) after ours with an event, without a host wait."""
-        done = self.cuda.event(timing=False)
-        done.record(self.stream)
-        done.wait(0)
+        with self.activate():
+            done = self.cuda.event(timing=False)
+            done.record(self.stream)
+            done.wait(0)
         return array
 
     def capture(self, launch):
@@ -243,7 +283,8 @@ class NumbaBuffers:
     replay = capture
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        with self.activate():
+            self.stream.synchronize()
 
 
 def _torch_dtype(torch, dtype):

@@ -10,12 +10,18 @@ runs batches on the device through one buffer provider
 the same class (:class:`vrn.runtime.landmarks.TensorRTLandmarkRunner`). ``vrn-export``
 checks its engines through these same classes.
 
-Everything lives in the CUDA primary context, which TensorRT, torch and numba-cuda all
-use, so device pointers pass between them freely. Buffers are torch CUDA tensors when
-torch has CUDA, else numba-cuda device arrays; both expose ``__cuda_array_interface__``
-and go straight into :func:`vrn.kernels.marching_cubes`, so the volume never leaves the
-GPU. With ``cuda_graphs=True`` (torch only) each batch size's ``execute_async_v3`` is
-captured once into a CUDA graph and replayed.
+Everything lives in the primary context of the engine's device (``device_id``: the
+engine is deserialized, its execution contexts made and its work queued with that
+device current), which TensorRT, torch and numba-cuda all use, so device pointers pass
+between them freely. Buffers are torch CUDA tensors when torch has CUDA, else numba-cuda
+device arrays; both expose ``__cuda_array_interface__`` and go straight into
+:func:`vrn.kernels.marching_cubes`, so the volume never leaves the GPU.
+
+With ``cuda_graphs=True`` (torch only) each batch size gets, as trtexec does, an
+execution context of its own whose ``execute_async_v3`` is captured once, in
+thread-local capture mode, into a CUDA graph and replayed. A capture that fails (an
+engine whose layers cannot be captured, an enqueue error) is reported in a warning and
+that batch size runs without a graph.
 
 The engine runs on its own (non-default) stream; a volume handed back on the device is
 ordered before the caller's stream by an event, so the marching-cubes kernels that follow
@@ -30,6 +36,7 @@ Python API (tensor-name I/O, ``set_input_shape``, ``set_tensor_address``,
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
@@ -37,7 +44,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, EngineError
 from .base import checked_landmarks, info_from_metadata
-from .cuda_arrays import device_buffers
+from . import cuda_arrays
 
 
 class TensorRTEngine:
@@ -68,17 +75,16 @@ class TensorRTEngine:
 
     def __init__(self, engine_path: str | os.PathLike, *, num_inputs: tuple[int, ...] = (1,),
                  device_id: int = 0):
-        from ...export.engine_file import load_engine
+        from ...export import engine_file
         from ...export.tensorrt_lib import import_tensorrt
 
         trt = import_tensorrt()  # BackendUnavailableError saying why when it cannot
         self.trt = trt
         self.path = Path(engine_path)
-        self.engine, self.metadata = load_engine(self.path)
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise EngineError(f"{self.path}: cannot create an execution context (out of "
-                              "GPU memory?)")
+        self.device_id = int(device_id)
+        self.engine, self.metadata = engine_file.load_engine(self.path,
+                                                             device_id=self.device_id)
+        self.context = self.new_context()
         engine = self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names
@@ -104,7 +110,23 @@ class TensorRTEngine:
         else:
             low, _, high = engine.get_tensor_profile_shape(first, 0)
             self.min_batch, self.max_batch = int(low[0]), int(high[0])
-        self.buffers = device_buffers(device_id)
+        self.buffers = cuda_arrays.device_buffers(self.device_id)
+
+    def activate(self):
+        """A context manager making the engine's device current (TensorRT queues work on,
+        and makes contexts for, the current device)."""
+        from ...export import engine_file
+
+        return engine_file.cuda_device(self.device_id)
+
+    def new_context(self):
+        """A new execution context of the engine, on its device."""
+        with self.activate():
+            context = self.engine.create_execution_context()
+        if context is None:
+            raise EngineError(f"{self.path}: cannot create an execution context (out of "
+                              "GPU memory?)")
+        return context
 
     def run(self, inputs: Sequence, chunk: Callable | None = None):
         """The output for ``inputs`` (host or device arrays, batch first, one per
@@ -122,7 +144,8 @@ class TensorRTEngine:
             if int(part[0].shape[0]) < self.min_batch:
                 raise ValueError(f"{self.path}: engine needs batches of at least "
                                  f"{self.min_batch}")
-            outputs.append(chunk(part))
+            with self.activate():
+                outputs.append(chunk(part))
         return outputs[0] if len(outputs) == 1 else self.buffers.concat(outputs)
 
     def run_chunk(self, inputs: Sequence):
@@ -132,25 +155,34 @@ class TensorRTEngine:
         self.execute(inputs, output)
         return self.buffers.as_float32(output)
 
-    def set_shapes(self, inputs: Sequence) -> tuple[int, ...]:
-        """Set the input shapes of ``inputs`` on the context; the output shape."""
+    def set_shapes(self, inputs: Sequence, context=None) -> tuple[int, ...]:
+        """Set the input shapes of ``inputs`` on ``context`` (default: the engine's first
+        execution context); the output shape."""
+        context = context or self.context
         for name, array in zip(self.input_names, inputs):
             shape = tuple(int(d) for d in array.shape)
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise EngineError(f"{self.path}: input {name!r} of shape {shape} is outside "
                                   f"the engine's profile (batch {self.min_batch} to "
                                   f"{self.max_batch})")
-        return tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        return tuple(int(d) for d in context.get_tensor_shape(self.output_name))
 
-    def execute(self, inputs: Sequence, output) -> None:
-        """Queue one run on the stream: device ``inputs`` (shapes set by
-        :meth:`set_shapes`) into the device array ``output``."""
+    def execute(self, inputs: Sequence, output, context=None) -> None:
+        """Queue one run of ``context`` (default: the first) on the stream: device
+        ``inputs`` (shapes set by :meth:`set_shapes`) into the device array ``output``."""
+        context = context or self.context
+        self.bind(inputs, output, context)
+        with self.activate():
+            ok = context.execute_async_v3(self.buffers.stream_handle)
+        if not ok:
+            raise EngineError(f"{self.path}: execute_async_v3 failed (see TensorRT's log)")
+
+    def bind(self, inputs: Sequence, output, context) -> None:
+        """Give ``context`` the addresses of ``inputs`` and ``output``."""
         pointer = self.buffers.pointer
         for name, array in zip(self.input_names, inputs):
-            self.context.set_tensor_address(name, pointer(array))
-        self.context.set_tensor_address(self.output_name, pointer(output))
-        if not self.context.execute_async_v3(self.buffers.stream_handle):
-            raise EngineError(f"{self.path}: execute_async_v3 failed (see TensorRT's log)")
+            context.set_tensor_address(name, pointer(array))
+        context.set_tensor_address(self.output_name, pointer(output))
 
 
 class TensorRTBackend:
@@ -167,7 +199,8 @@ class TensorRTBackend:
     device_id : int
         CUDA device the engine runs on.
     cuda_graphs : bool
-        Capture each batch size into a CUDA graph (needs torch with CUDA).
+        Capture each batch size into a CUDA graph (needs torch with CUDA), with an
+        execution context of its own; a batch size whose capture fails runs without.
     """
 
     name = "tensorrt"
@@ -195,7 +228,7 @@ class TensorRTBackend:
         self.min_batch, self.max_batch = runner.min_batch, runner.max_batch
         self.precision = self.metadata.precision
         self.stream = runner.buffers.stream
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[int, _Graph | None] = {}  # per batch size; None: capture failed
 
     @property
     def stream_handle(self) -> int:
@@ -235,38 +268,56 @@ class TensorRTBackend:
         return buffers.hand_over(y) if on_device else buffers.to_host(y)
 
     def _replay(self, inputs):
-        """CUDA-graph path: static buffers per batch size, a copy of the output out."""
+        """CUDA-graph path: static buffers and an execution context per batch size, a
+        copy of the output out; a batch size whose capture failed runs eagerly."""
         buffers = self.runner.buffers
         n = int(inputs[0].shape[0])
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
-        graph, static_inputs, static_out = self._graphs[n]
-        for static, array in zip(static_inputs, inputs):
+        captured = self._graphs[n]
+        if captured is None:
+            return self.runner.run_chunk(inputs)
+        for static, array in zip(captured.inputs, inputs):
             buffers.copy_into(static, array)
-        buffers.replay(graph)
-        y = buffers.as_float32(static_out)
-        return buffers.clone(y) if y is static_out else y  # the next replay overwrites it
+        buffers.replay(captured.graph)
+        y = buffers.as_float32(captured.output)
+        return buffers.clone(y) if y is captured.output else y  # the next replay overwrites it
 
-    def _capture(self, n: int):
+    def _capture(self, n: int) -> _Graph | None:
+        """Capture batch size ``n`` on a new execution context (one per graph, as
+        trtexec does: a graph replays the context's own internal memory); ``None``, with
+        a warning, when the capture fails."""
         runner, buffers = self.runner, self.runner.buffers
+        context = runner.new_context()
         s = self.input_size
         static_inputs = [buffers.empty((n, 3, s, s))]
         buffers.fill(static_inputs[0], 0.0)
         if self.guided:
             static_inputs.append(buffers.empty((n, 68, 3)))
             buffers.fill(static_inputs[1], s / 2)
-        static_out = buffers.empty(runner.set_shapes(static_inputs), runner.out_dtype)
+        static_out = buffers.empty(runner.set_shapes(static_inputs, context), runner.out_dtype)
         # One plain run first: TensorRT applies deferred shape/address updates there,
         # which must not happen inside the capture.
-        runner.execute(static_inputs, static_out)
+        runner.execute(static_inputs, static_out, context)
         buffers.synchronize()
+        queued: list[bool] = []
 
-        def launch():
-            if not self.context.execute_async_v3(buffers.stream_handle):
-                raise EngineError(f"{self.path}: execute_async_v3 failed during CUDA-graph "
-                                  "capture")
+        def launch():  # an error raised inside the capture would be masked by its end
+            queued.append(bool(context.execute_async_v3(buffers.stream_handle)))
 
-        return buffers.capture(launch), static_inputs, static_out
+        try:
+            with runner.activate():
+                graph = buffers.capture(launch)
+        except Exception as exc:  # torch's capture errors (RuntimeError and kin)
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = None if queued == [True] else "execute_async_v3 failed in the capture"
+        if problem is not None:
+            warnings.warn(f"{self.path}: CUDA-graph capture of batch {n} failed ({problem}); "
+                          "that batch size runs without a CUDA graph", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        return _Graph(graph, context, static_inputs, static_out)
 
     def synchronize(self) -> None:
         """Wait for the work queued on :attr:`stream` (for timing)."""
@@ -277,6 +328,14 @@ class TensorRTBackend:
         return (f"tensorrt {self.runner.trt.__version__} ({self.path.name}, {self.precision}, "
                 f"batch {self.min_batch}-{self.max_batch}, {self.runner.buffers.kind} "
                 f"buffers{graphs})")
+
+
+class _Graph:
+    """One batch size's CUDA graph, the execution context it was captured from (kept
+    alive with it) and its static input and output buffers."""
+
+    def __init__(self, graph, context, inputs: list, output):
+        self.graph, self.context, self.inputs, self.output = graph, context, inputs, output
 
 
 def _check_vrn_shapes(runner: TensorRTEngine, landmarks_name: str | None) -> None:
