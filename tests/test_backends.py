@@ -384,7 +384,7 @@ def test_guided_torch_and_onnxruntime_agree_on_the_sample_face(guided_backends, 
     assert np.array_equal(again, torch_volume)
 
 
-# ------------------------------------------------------------ issue 15 (GPU readiness)
+# ------------------------------------------------------------------------- GPU readiness
 
 def test_tensorrt_provider_profile_maximum_comes_from_the_graph(ort_backend, tmp_path,
                                                                monkeypatch):

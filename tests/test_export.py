@@ -970,7 +970,7 @@ def test_full_model_export_fp32_fp16_dynamic_batch(tmp_path):
     print("".join(lines))
 
 
-# --- ready for the first GPU host (issue 15) ---------------------------------------------
+# --- ready for the first GPU host ---------------------------------------------------------
 # Findings 2 (the fp16 gate), 3 (the engine check's buffers, said before the build), 5
 # (device ids), 7 (CUDA graphs), 9 (engine defaults) and 10 (a stricter stand-in).
 

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.py`` before any GPU host sees it (issue 15), and the installs
+"""``benchmarks/gpu_check.py`` before any GPU host sees it, and the installs
 that host will use.
 
 - Finding 1: the whole script runs end to end under the Numba CUDA simulator, in a
@@ -44,6 +44,7 @@ def load_gpu_check():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_under_the_simulator(tmp_path):
     """Finding 1: an import or plumbing error in the GPU check shows here, not on the
     GPU host. Default weights, results in a temporary folder."""

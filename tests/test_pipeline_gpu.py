@@ -3,7 +3,7 @@ the GPU pipeline against the CPU pipeline, no device-to-host copy of the volume,
 for several faces, CUDA graphs, and the TensorRT and onnxruntime-GPU backends where
 installed; each for an unguided and a landmark-guided model (crops and landmarks made as
 the pipeline makes them). A few checks run anywhere, on stand-ins: the uploads and the
-stage timing's synchronisation go to the backend's own device (issue 15, finding 5)."""
+stage timing's synchronisation go to the backend's own device."""
 
 from __future__ import annotations
 
