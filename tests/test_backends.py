@@ -430,3 +430,18 @@ def test_torch_cuda_volume_is_contiguous_in_the_network_dtype(small_model, batch
     assert host.dtype == np.float32 and host.flags.c_contiguous
     assert np.mean((host > 0.5) == (reference > 0.5)) > 0.95
     assert backend.device_id is None  # a CPU backend has no CUDA device
+
+
+def test_channels_last_convolutions_on_the_guided_default():
+    """``Module.to(memory_format=channels_last)`` refuses the landmark-guided model's 5-D
+    buffers; the backend converts the convolutions alone (the CUDA and bf16 paths)."""
+    from vrn.model import load_model
+    from vrn.runtime.backends.torch_backend import _convolutions_channels_last
+
+    model = load_model()
+    with pytest.raises(RuntimeError, match="rank 4"):
+        model.to(memory_format=torch.channels_last)
+    _convolutions_channels_last(model.to(dtype=torch.float16))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         and m.weight.dtype == torch.float16 for m in convs)

@@ -204,10 +204,16 @@ def test_small_run_has_every_section(small_report):
     assert all(0 < v["iou_min"] <= v["iou_mean"] <= 1 for v in report["validation"])
     iso = report["references"]["isosurface"]
     assert {iso["ours"], "skimage lewiner", "pymcubes"} <= set(iso["volumes"][0]["implementations"])
-    for entry in iso["volumes"]:  # every implementation meshed the same surface
-        assert len({s["vertices"] for s in entry["implementations"].values()}) == 1
+    assert [e["volume"] for e in iso["volumes"]][1:] == ["VRN-shaped (synthetic)",
+                                                         "face-like (synthetic)"]
+    for entry in iso["volumes"]:  # every implementation meshed the same surface (Lewiner's
+        # table resolves ambiguous cubes with extra vertices)
+        assert len({stats["vertices"] for name, stats in entry["implementations"].items()
+                    if name != "skimage lewiner"}) == 1
     names = [g["name"] for g in report["goals"]]
-    assert any("ONNX Runtime" in n for n in names) and any("skimage" in n for n in names)
+    assert any("ONNX Runtime" in n for n in names)
+    assert sum("vs skimage lorensen" in n for n in names) == 3
+    assert report["validation_model"] is None  # the measured model's own weights
     assert report["speedups"] and all(s["inference"] > 0 for s in report["speedups"])
 
 
@@ -405,3 +411,90 @@ def test_int8_keeps_the_guidance_float(guided_checkpoint, guided_cache, tmp_path
     with pytest.raises(ValueError, match=r"\(2, 68, 3\)"):
         quantize_int8(fp32, tmp_path / "q.onnx", recipe="int8-static", calibration=crops,
                       calibration_landmarks=np.zeros((2, 68, 2), np.float32))
+
+
+def test_vrn_shaped_volume_is_a_face_slab_in_the_front_of_the_depth():
+    from vrn.bench.isosurface import face_like_volume, vrn_shaped_volume
+
+    volume = vrn_shaped_volume((100, 96, 96))
+    assert volume.shape == (100, 96, 96) and volume.dtype == np.float32
+    assert 0 <= volume.min() and volume.max() <= 1
+    inside = volume > 0.5
+    planes = np.flatnonzero(inside.any(axis=(1, 2)))
+    assert planes.min() > 40 and planes.max() < 100   # the front part of the depth only
+    depth_per_column = inside.sum(axis=0)
+    assert 15 <= depth_per_column.max() <= 25          # a slab about 0.2 D deep
+    assert inside[:, 48, 48].any() and not inside[:, 2, 2].any()   # a face, not a wall
+    assert face_like_volume((100, 96, 96)).shape == (100, 96, 96)
+
+
+def test_full_model_runs_are_validated_on_the_trained_default():
+    from types import SimpleNamespace
+
+    from vrn.bench.runner import _validation_model
+    from vrn.model import load_model, random_model
+
+    crops = SimpleNamespace(calibration=np.zeros((1, 3, 192, 192), np.float32),
+                            calibration_landmarks=np.zeros((1, 68, 3), np.float32))
+    full = BenchSettings(model="full")
+    default = load_model(None)
+    factory, described = _validation_model(random_model(), full, crops)
+    if not default.info.trained:
+        assert factory is None  # no trained default shipped: nothing better to check on
+        return
+    assert factory.model.info.trained and described["trained"]
+    assert described["architecture"] == default.info.architecture
+    # The default model, or given weights, are checked on themselves.
+    assert _validation_model(default, BenchSettings(), crops) == (None, None)
+    assert _validation_model(random_model(), BenchSettings(weights="w.safetensors"),
+                             crops) == (None, None)
+
+
+
+def test_live_and_marching_cubes_files_get_their_sections(small_report, tmp_path):
+    from vrn.bench.script_results import LIVE_SCHEMA, MARCHING_CUBES_SCHEMA
+
+    stages = {s: {"p50": 1.5, "p90": 2.0} for s in ("landmarks", "crop", "infer",
+                                                      "isosurface", "colour")}
+    live = {"schema": LIVE_SCHEMA, "machine": "test-2core",
+            "clip": {"frames": 60, "size": 512, "rounds": 2},
+            "system": {"date": "2026-12-02T00:00:00+00:00", "threads": {"torch": 2}},
+            "results": [{"name": "onnxruntime pipelined", "backend": "onnxruntime x",
+                         "pipelined": True, "fps": 31.25, "fps_rounds": [31.0, 31.5],
+                         "latency_ms": {"p50": 80.0, "p90": 95.0}, "stages_ms": stages,
+                         "load_average": [[[0.2, 0.3, 0.4], [0.6, 0.3, 0.4]]]}]}
+    timing = {"median_ms": 4.0, "min_ms": 3.5, "cpu_ms": 6.0, "faces": 200764,
+              "ratio_to_ours": 1.0}
+    cubes = {"schema": MARCHING_CUBES_SCHEMA, "machine": "test-2core",
+             "date": "2026-12-02T00:00:00+00:00",
+             "volumes": {"VRN-shaped": {"timings": {
+                 "vrn (numba cpu)": timing,
+                 "skimage lorensen": {**timing, "median_ms": 64.0, "ratio_to_ours": 16.0}}}},
+             "goal": {"name": "ours vs skimage lorensen", "target": 8.0, "value": 16.0,
+                      "met": True},
+             "unavailable": {}, "system": {"load_average": [0.5, 0.5, 0.5]},
+             "settings": {"repeats": 9}}
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    write_json(small_report, results / result_file_name(small_report))
+    (results / "2026-12-02-test-2core-live.json").write_text(json.dumps(live))
+    (results / "2026-12-02-test-2core-marching-cubes.json").write_text(json.dumps(cubes))
+    (results / "2026-12-01-old-live.json").write_text(json.dumps({"results": []}))
+    text = write_results_md(tmp_path / "benchmarks").read_text()
+    assert "## vrn-live --headless: test-2core, 2026-12-02" in text
+    assert "| onnxruntime pipelined | 31.2 | 31.0 / 31.5 | 80.0 | 95.0 |" in text
+    assert "## Marching cubes: test-2core, 2026-12-02" in text
+    assert "| VRN-shaped | skimage lorensen | 64.0 |" in text and "16.0x, met" in text
+    assert "`2026-12-01-old-live.json`" in text  # an older layout: listed, not read
+
+
+def test_int8_calibration_crops_are_not_the_validation_crops():
+    from vrn.bench.validation import CALIBRATION_TURNS, calibration_crops, face_crops
+    from vrn.image_io import sample_image_path
+
+    crops, landmarks, _ = face_crops([sample_image_path()], size=64)
+    calibration, points = calibration_crops([sample_image_path()], size=64)
+    assert len(calibration) == len(points) == 1 + len(CALIBRATION_TURNS)
+    assert calibration.shape[1:] == crops.shape[1:] and points.shape[1:] == (68, 3)
+    for crop in calibration:  # mirrored (and turned): never a validation crop
+        assert np.abs(crop - crops[0]).mean() > 0.02

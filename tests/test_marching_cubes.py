@@ -303,13 +303,29 @@ def test_batch_equals_single_volumes():
         assert np.array_equal(vertices, single[0]) and np.array_equal(faces, single[1])
 
 
+def uneven_volumes() -> dict:
+    """Volumes whose surface fills only part of the depth range, so that slabs of equal
+    depth would get unequal work: face slabs as the network makes them (and filled from
+    a back plane), and planes all above or all below the level next to each other (the
+    planes the count pass skips), rows across two words included."""
+    from vrn.bench.isosurface import face_like_volume, vrn_shaped_volume
+
+    steps = np.zeros((12, 9, 70), np.float32)
+    steps[3:6] = 1.0              # three full planes: a surface on each side of them
+    steps[7, 2:4, 5:66] = 1.0     # a lone block in one plane
+    steps[10:] = 1.0              # full up to the last plane
+    return {"vrn-shaped": vrn_shaped_volume((30, 26, 70)),
+            "face-like": face_like_volume((30, 26, 70)), "steps": steps}
+
+
 @pytest.mark.parametrize("threads", [2, 3, 4])
 def test_multithreaded_output_equals_single_threaded(monkeypatch, threads):
     """Small volumes normally stay on one thread: with the slab threshold lowered they
-    split into ``threads`` slabs, and the mesh must not change by a single bit."""
+    split into ``threads`` slabs and shares of rows, and the mesh must not change by a
+    single bit."""
     from vrn.kernels import _cpu
 
-    volumes = {name: make() for name, make in VOLUMES.items()}
+    volumes = {name: make() for name, make in VOLUMES.items()} | uneven_volumes()
     batch = np.stack([noisy(seed=s) for s in range(3)])
     single = {name: marching_cubes(v, 0.5) for name, v in volumes.items()}
     single_batch = marching_cubes_batch(batch, 0.5)
@@ -321,6 +337,59 @@ def test_multithreaded_output_equals_single_threaded(monkeypatch, threads):
         assert np.array_equal(v1, v2) and np.array_equal(f1, f2), name
     for (v1, f1), (v2, f2) in zip(single_batch, marching_cubes_batch(batch, 0.5)):
         assert np.array_equal(v1, v2) and np.array_equal(f1, f2)
+
+
+def test_emit_work_is_split_by_the_count_pass_sums(monkeypatch):
+    """Each thread's share of the emit passes holds about the same number of vertices
+    and of triangles, however unevenly they lie over the depth (a face in the front part
+    of the range), and the shares cover every row once."""
+    from vrn.bench.isosurface import vrn_shaped_volume
+    from vrn.kernels import _cpu
+
+    shares = []
+    emit = _cpu._emit
+
+    def recording_emit(ranges, vertex_args, face_args):
+        shares.append(ranges)
+        emit(ranges, vertex_args, face_args)
+
+    monkeypatch.setattr(_cpu, "_emit", recording_emit)
+    monkeypatch.setattr(_cpu, "_MIN_POINTS_PER_SLAB", 1)
+    monkeypatch.setattr(_cpu, "cpu_threads", lambda: 4)
+    volume = vrn_shaped_volume((100, 96, 96))
+    vertices, faces = marching_cubes(volume, 0.5)
+    assert len(shares) == 4
+    above = volume > 0.5
+    assert above[:40].sum() == 0     # the surface lies in the front part only
+    rows = 100 * 96
+    for axis in (0, 1):                # vertex rows, then face rows
+        edges = [(int(r[axis][0]), int(r[axis][1])) for r in sorted(shares, key=lambda r:
+                                                                     int(r[axis][0]))]
+        assert edges[0][0] == 0 and edges[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    # Per-row counts rebuilt from the mesh (a vertex's row is its owner point's, the
+    # floor of its coordinates): every share within a row's worth of a quarter.
+    vertex_rows = np.bincount((vertices[:, 2].astype(int) * 96 + vertices[:, 1].astype(int)),
+                              minlength=rows)
+    for ranges in shares:
+        start, stop = int(ranges[0][0]), int(ranges[0][1])
+        share = vertex_rows[start:stop].sum()
+        assert abs(share - len(vertices) / 4) <= vertex_rows.max(), (start, stop)
+
+
+def test_balanced_split_and_skipped_planes():
+    from vrn.kernels._cpu import ABOVE, BELOW, MIXED, _balanced, _counted_planes
+
+    weights = np.array([0, 0, 5, 5, 0, 10, 0, 0], np.int64)
+    ranges = _balanced(weights, 2)
+    assert [list(r) for r in ranges] == [[0, 4], [4, 8]]          # 10 and 10
+    assert [list(r) for r in _balanced(weights, 1)] == [[0, 8]]
+    assert [list(r) for r in _balanced(np.zeros(3, np.int64), 3)] == [[0, 3], [3, 3], [3, 3]]
+    assert [list(r) for r in _balanced(np.zeros(0, np.int64), 2)] == [[0, 0], [0, 0]]
+    # A plane is skipped when it and the next plane lie wholly on one side (the last
+    # plane of each volume needs itself only); two volumes of four planes.
+    state = np.array([BELOW, BELOW, ABOVE, ABOVE, MIXED, BELOW, BELOW, ABOVE], np.uint8)
+    assert list(_counted_planes(state, 4)) == [0, 1, 0, 0, 1, 0, 1, 0]
 
 
 def test_to_host_passes_numpy_through():

@@ -6,10 +6,12 @@ Two recipes (:data:`INT8_RECIPES`):
   activation ranges computed per run (``ConvInteger`` / ``DynamicQuantizeLinear``).
 - ``"int8-static"``: :func:`onnxruntime.quantization.quantize_static`, QDQ format with
   uint8 activations and per-channel int8 weights calibrated (min/max) on face crops
-  (with their landmarks, for a landmark-guided graph); ONNX Runtime fuses the pairs
-  into ``QLinearConv``. Activations are uint8 because the x86 AVX2/AVX512 int8 kernels
-  take u8 x s8 products. Every op but ``InstanceNormalization`` (:data:`STATIC_OPS`) is
-  quantised; the normalisations stay float, between a dequantise and a quantise.
+  (with their landmarks, for a landmark-guided graph; ``vrn-bench`` calibrates on crops
+  other than those it validates on, :func:`vrn.bench.validation.calibration_crops`);
+  ONNX Runtime fuses the pairs into ``QLinearConv``. Activations are uint8 because the
+  x86 AVX2/AVX512 int8 kernels take u8 x s8 products. Every op but
+  ``InstanceNormalization`` (:data:`STATIC_OPS`) is quantised; the normalisations stay
+  float, between a dequantise and a quantise.
 
 In a landmark-guided graph both leave the guidance float: the nodes that see only the
 landmarks (heatmaps, the depth field and their 1x1 convolutions; :func:`guidance_nodes`)

@@ -15,6 +15,8 @@ from pathlib import Path
 from ..atomic import atomic_path, write_text_atomic
 from ..metrics import MIN_IOU, STAT_KEYS
 from .goals import passes_validation
+from .markdown import fmt_ms, fmt_ratio
+from .markdown import table as _table
 from .runner import SCHEMA
 from .timing import FRAME_STAGES, GPU_PHASES
 
@@ -28,23 +30,6 @@ do not edit by hand. How to measure your own machine and add its file:
 
 # ----------------------------------------------------------------------- numbers
 
-def fmt_ms(value: float | None) -> str:
-    """Milliseconds with about three significant digits (``512``, ``23.4``, ``0.123``)."""
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    if value >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def report_stages(report: dict) -> list[str]:
     """The stages of :data:`~vrn.bench.timing.FRAME_STAGES` that some run of ``report``
     timed, in pipeline order (result files from before the ``landmarks`` stage lack
@@ -55,12 +40,6 @@ def report_stages(report: dict) -> list[str]:
 def _stage_mean(run: dict, stage: str) -> float | None:
     stats = run["stages"].get(stage)
     return None if stats is None else stats["mean"]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 # ---------------------------------------------------------------------- markdown
@@ -196,11 +175,27 @@ def _validation_section(report: dict, h: str) -> list[str]:
     rows = [[f"{v['backend']} {v['device']} {v['precision']}", v["crops"],
              f"{v['iou_min']:.4f}", f"{v['iou_mean']:.4f}", f"{v['max_abs_diff']:.3g}",
              "yes" if v["passed"] else "**no**"] for v in report["validation"]]
+    other = report.get("validation_model")
+    model = ("" if not other else
+             f" With the trained {other['architecture']} ({other['parameters']:,} "
+             "parameters, the package default) in each configuration, not the measured "
+             "model, whose weights are untrained: IoU on random weights says nothing about "
+             "a precision.")
     return [f"{h}# Occupancy IoU against PyTorch fp32", "",
             f"On {len(crops)} face crops ({', '.join(crops)}); passes at IoU >= "
-            f"{report['settings']['min_iou']} on every crop. int8-static is calibrated on "
-            "these same crops.", ""] + _table(
+            f"{report['settings']['min_iou']} on every crop. {_calibration(report)}{model}",
+            ""] + _table(
         ["configuration", "crops", "IoU min", "IoU mean", "max abs diff", "passes"], rows)
+
+
+def _calibration(report: dict) -> str:
+    """What int8-static was calibrated on (files from before the separate calibration
+    crops were calibrated on the validation crops)."""
+    count = report["settings"].get("calibration_crops")
+    if count is None:
+        return "int8-static is calibrated on these same crops."
+    return (f"int8-static is calibrated on {count} other crops: the same photos mirrored, "
+            "and mirrored and turned by 8 degrees either way.")
 
 
 def _isosurface_section(report: dict, h: str) -> list[str]:
@@ -350,16 +345,27 @@ def plot_stages(report: dict, path: str | os.PathLike) -> Path:
 
 def write_results_md(folder: str | os.PathLike = "benchmarks", *, plots: bool = True) -> Path:
     """Regenerate ``folder/RESULTS.md`` from every ``vrn-bench`` file among
-    ``folder/results/*.json`` (newest first; other JSON files are listed, not read),
-    with a plot per file beside it (``results/<stem>.png``) when matplotlib is
-    installed and ``plots`` is true. Returns the Markdown file's path."""
+    ``folder/results/*.json`` (newest first), with a plot per file beside it
+    (``results/<stem>.png``) when matplotlib is installed and ``plots`` is true, then
+    the files of ``bench_live.py`` and ``bench_marching_cubes.py``
+    (:mod:`vrn.bench.script_results`); other JSON files are listed, not read. Returns
+    the Markdown file's path."""
+    from .script_results import script_section
+
     folder = Path(folder)
-    reports, others = [], []
+    reports, sections, others = [], [], []
     for path in sorted((folder / "results").glob("*.json"), reverse=True):
         try:
             reports.append((path, load_json(path)))
         except ValueError:  # another tool's results (e.g. bench_marching_cubes.py)
-            others.append(path.name)
+            try:
+                section = script_section(path.name, json.loads(path.read_text()))
+            except (OSError, ValueError):
+                section = None
+            if section is None:
+                others.append(path.name)
+            else:
+                sections.append(section)
     if not reports:
         raise FileNotFoundError(f"{folder / 'results'}: no vrn-bench result files (*.json)")
     out = [RESULTS_MD_HEADER,
@@ -384,6 +390,8 @@ def write_results_md(folder: str | os.PathLike = "benchmarks", *, plots: bool = 
             except ImportError:
                 plot = None
         out.append(markdown_report(report, heading_level=2, plot=plot))
+    for section in sections:  # the live loop and marching cubes, newest first
+        out.append("\n".join(section))
     if others:
         out.append("Other files in `results/`, not written by vrn-bench: "
                    + ", ".join(f"`{name}`" for name in others) + ".\n")

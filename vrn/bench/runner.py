@@ -58,8 +58,9 @@ SCHEMA = "vrn-bench/1"
 @dataclass
 class _Inputs:
     """What every configuration is measured on: the frames, the detector, the landmark
-    stages, and the validation face crops ``(N, 3, S, S)`` float32 with their landmarks
-    ``(N, 68, 3)`` crop pixels and names."""
+    stages, the validation face crops ``(N, 3, S, S)`` float32 with their landmarks
+    ``(N, 68, 3)`` crop pixels and names, and the int8 calibration crops and landmarks
+    (other crops of the same photos: :func:`~vrn.bench.validation.calibration_crops`)."""
 
     source: FrameSource
     detector: object
@@ -67,34 +68,42 @@ class _Inputs:
     crops: np.ndarray
     landmarks: np.ndarray
     crop_names: list[str]
+    calibration: np.ndarray
+    calibration_landmarks: np.ndarray
 
 
-def _validation_crops(settings: BenchSettings, detector, landmark_stage, size: int,
-                      source: FrameSource) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Face crops ``(N, 3, S, S)``, their landmarks ``(N, 68, 3)`` crop pixels and names,
-    of the source image (when it is one), the sample photo and the ``validate_with``
+def _validation_photos(settings: BenchSettings, source: FrameSource) -> list:
+    """The source image (when it is one), the sample photo and the ``validate_with``
     photos, in that order."""
     from ..image_io import sample_image_path
-    from .validation import face_crops, image_files
+    from .validation import image_files
 
     sample = sample_image_path()
     images = [source.path] if source.kind == "image" else []
     if not images or source.path.resolve() != sample.resolve():
         images.append(sample)
-    images += image_files(list(settings.validate_with))
-    return face_crops(images, detector=detector, landmark_stage=landmark_stage, size=size)
+    return images + image_files(list(settings.validate_with))
 
 
 def _inputs(settings: BenchSettings, source: FrameSource, size: int) -> _Inputs:
     from ..runtime.detect import create_detector
+    from .validation import calibration_crops, face_crops
 
     detector = create_detector()
     stages = LandmarkStages(settings.cache_dir)
-    crops, landmarks, names = _validation_crops(settings, detector, stages(), size, source)
+    photos = _validation_photos(settings, source)
+    crops, landmarks, names = face_crops(photos, detector=detector, landmark_stage=stages(),
+                                         size=size)
     if len(crops) == 0:
         raise NoFaceError("no face found in the validation photos (the sample photo "
                           "included); cannot validate or calibrate")
-    return _Inputs(source, detector, stages, crops, landmarks, names)
+    calibration, calibration_landmarks = calibration_crops(
+        photos, detector=detector, landmark_stage=stages(), size=size)
+    if len(calibration) == 0:
+        raise NoFaceError("no face found in the mirrored validation photos; cannot "
+                          "calibrate int8")
+    return _Inputs(source, detector, stages, crops, landmarks, names, calibration,
+                   calibration_landmarks)
 
 
 def _repeat_first(crops: np.ndarray, landmarks: np.ndarray, batch: int
@@ -139,24 +148,50 @@ class _Session:
     """The configurations of one run, measured in turn: ``runs``, ``validation`` (IoU
     against the CPU fp32 reference, whose volumes are ``reference_volumes``
     ``(N, D, H, W)``), ``unavailable``, and ``built`` (the backends kept for the
-    interleaved timing of the networks alone)."""
+    interleaved timing of the networks alone).
+
+    ``validation_factory``, when given, builds each configuration again for another
+    model (the trained package default, when the full architecture is measured with
+    random weights: IoU on random weights says nothing about a precision), and the IoU
+    is taken on that model's volumes instead."""
 
     def __init__(self, settings: BenchSettings, inputs: _Inputs, factory: BackendFactory,
-                 unavailable: list[dict], progress):
+                 unavailable: list[dict], progress,
+                 validation_factory: BackendFactory | None = None):
         self.settings, self.inputs, self.factory = settings, inputs, factory
+        self.validation_factory = validation_factory
         self.progress = progress
         self.runs: list[dict] = []
         self.validation: list[dict] = []
         self.unavailable = unavailable
         self.built: dict = {}
         self.reference_volumes: np.ndarray | None = None
+        self.validation_volumes: np.ndarray | None = None
+
+    def _volumes(self, backend) -> np.ndarray:
+        """``backend``'s volumes ``(N, D, H, W)`` for the validation crops, one by one."""
+        inputs = self.inputs
+        return np.stack([backend.infer(inputs.crops[i:i + 1], inputs.landmarks[i:i + 1])[0]
+                         for i in range(len(inputs.crops))])
+
+    def _validate(self, combo: Combo, backend) -> dict:
+        """IoU of ``combo`` against fp32: of ``backend`` itself, or of ``combo`` built
+        for the validation model."""
+        from .validation import validate_against_reference
+
+        inputs, level = self.inputs, self.settings.level
+        if self.validation_factory is None:
+            return validate_against_reference(backend, self.reference_volumes, inputs.crops,
+                                              inputs.landmarks, level=level)
+        check = validate_against_reference(self.validation_factory.build(combo),
+                                           self.validation_volumes, inputs.crops,
+                                           inputs.landmarks, level=level)
+        return {**check, "model": "validation model"}
 
     def measure(self, combo: Combo) -> None:
         """Build, validate and time ``combo``; a failure is recorded in ``unavailable``
         (except for the CPU reference, which every other figure needs)."""
-        from .validation import validate_against_reference
-
-        settings, inputs = self.settings, self.inputs
+        settings = self.settings
         cpu_reference = combo == Combo("torch", "cpu", REFERENCE_PRECISION)
         per_combo = len(settings.batches) * (settings.warmup + settings.frames)
         try:
@@ -170,14 +205,13 @@ class _Session:
         check = None
         try:
             if cpu_reference:
-                self.reference_volumes = np.stack([
-                    backend.infer(inputs.crops[i:i + 1], inputs.landmarks[i:i + 1])[0]
-                    for i in range(len(inputs.crops))])
+                self.reference_volumes = self._volumes(backend)
+                if self.validation_factory is not None:
+                    self.validation_volumes = self._volumes(
+                        self.validation_factory.build(combo))
             else:
-                check = validate_against_reference(backend, self.reference_volumes,
-                                                   inputs.crops, inputs.landmarks,
-                                                   level=settings.level)
-            measured = [_measure(backend, inputs, combo, batch, settings,
+                check = self._validate(combo, backend)
+            measured = [_measure(backend, self.inputs, combo, batch, settings,
                                  tick=self.progress.update) for batch in settings.batches]
         except Exception as exc:
             if cpu_reference:
@@ -205,15 +239,35 @@ class _Session:
 
     def isosurface_references(self) -> dict:
         """The isosurface references on the network's output for the first crop and on
-        a synthetic face-like volume."""
-        from .isosurface import face_like_volume
+        two synthetic volumes: a face slab in the front part of the depth range, as the
+        network makes it, and a face-like volume filled from a back plane."""
+        from .isosurface import face_like_volume, vrn_shaped_volume
 
         first = self.reference_volumes[0]
         volumes = {f"network output for {self.inputs.crop_names[0]}": first,
+                   "VRN-shaped (synthetic)": vrn_shaped_volume(first.shape),
                    "face-like (synthetic)": face_like_volume(first.shape)}
         return time_isosurface_references(volumes, level=self.settings.level,
                                           runs=self.settings.isosurface_runs,
                                           budget_s=self.settings.isosurface_budget_s)
+
+
+def _validation_model(model, settings: BenchSettings, inputs: _Inputs):
+    """``(factory, description)`` of the model the IoU checks run on: ``(None, None)``
+    for the measured model itself; the trained package default for ``--model full``
+    (the released architecture with random weights), when the default is trained."""
+    from ..model import load_model, model_info
+
+    if settings.weights is not None or settings.model != "full" or model_info(model).trained:
+        return None, None
+    default = load_model(None)
+    info = model_info(default)
+    if not info.trained or info.config.input_size != model_info(model).config.input_size:
+        return None, None
+    factory = BackendFactory(default, calibration=inputs.calibration,
+                             calibration_landmarks=inputs.calibration_landmarks,
+                             cache_dir=settings.cache_dir, max_batch=1)
+    return factory, describe_model(default, "package default")
 
 
 def _settings_block(settings: BenchSettings, inputs: _Inputs) -> dict:
@@ -222,7 +276,8 @@ def _settings_block(settings: BenchSettings, inputs: _Inputs) -> dict:
             "batches": list(settings.batches), "frames": settings.frames,
             "warmup": settings.warmup, "source": str(inputs.source.path),
             "source_kind": inputs.source.kind, "level": settings.level,
-            "validation_crops": inputs.crop_names, "min_iou": MIN_IOU}
+            "validation_crops": inputs.crop_names, "min_iou": MIN_IOU,
+            "calibration_crops": len(inputs.calibration)}
 
 
 def run_benchmark(settings: BenchSettings) -> dict:
@@ -239,9 +294,11 @@ def run_benchmark(settings: BenchSettings) -> dict:
       (:data:`~vrn.bench.timing.GPU_PHASES`, CUDA only), ``describe`` and
       ``landmark_stage`` (what ran the network and the landmarks);
     - ``speedups`` (:func:`~vrn.bench.goals.speedups`), ``validation`` (IoU against
-      fp32 per configuration), ``references`` (``isosurface``), ``goals``
-      (:func:`~vrn.bench.goals.goals`), ``unavailable`` (configuration and reason),
-      ``prepare_s`` and ``reused_from_cache`` (exported, quantised and built files).
+      fp32 per configuration; with ``--model full`` on ``validation_model``, the
+      trained default, else ``validation_model`` is ``None``),
+      ``references`` (``isosurface``), ``goals`` (:func:`~vrn.bench.goals.goals`),
+      ``unavailable`` (configuration and reason), ``prepare_s`` and
+      ``reused_from_cache`` (exported, quantised and built files).
     """
     from tqdm import tqdm
 
@@ -254,13 +311,14 @@ def run_benchmark(settings: BenchSettings) -> dict:
     inputs = _inputs(settings, source, model.config.input_size)
     combos, unavailable = plan(settings, cuda=cuda_available(),
                                tensorrt=tensorrt_unavailable_reason())
-    factory = BackendFactory(model, calibration=inputs.crops,
-                             calibration_landmarks=inputs.landmarks,
+    factory = BackendFactory(model, calibration=inputs.calibration,
+                             calibration_landmarks=inputs.calibration_landmarks,
                              cache_dir=settings.cache_dir, max_batch=max(settings.batches))
     total = len(combos) * len(settings.batches) * (settings.warmup + settings.frames)
     progress = tqdm(total=total, disable=not settings.progress, unit="frame",
                     dynamic_ncols=True, leave=False)
-    session = _Session(settings, inputs, factory, unavailable, progress)
+    validation_factory, validation_model = _validation_model(model, settings, inputs)
+    session = _Session(settings, inputs, factory, unavailable, progress, validation_factory)
     try:
         for combo in combos:
             progress.set_description(combo.label)
@@ -275,6 +333,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
     report = {"schema": SCHEMA, "machine": machine_name(system),
               "system": {**system, "load_average_end": load_average()},
               "model": model_block, "settings": _settings_block(settings, inputs),
+              "validation_model": validation_model,
               "prepare_s": dict(factory.prepare_s),
               "reused_from_cache": list(factory.reused), "runs": session.runs,
               "unavailable": session.unavailable, "validation": session.validation,

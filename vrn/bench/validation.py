@@ -63,6 +63,43 @@ def face_crops(images: list[str | os.PathLike], *, size: int, detector=None,
     return np.concatenate(batches), np.concatenate(landmarks), names
 
 
+CALIBRATION_TURNS = (-8.0, 8.0)  # degrees, besides the mirror image
+
+
+def calibration_crops(images: list[str | os.PathLike], *, size: int, detector=None,
+                      landmark_stage=None, max_faces_per_photo: int = MAX_FACES_PER_PHOTO
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs to calibrate int8 quantisation on that are not the validation
+    crops of the same ``images``: each photo mirrored left to right, and mirrored and
+    turned by :data:`CALIBRATION_TURNS` about its centre, run through detection,
+    landmarks and the landmark crop as :func:`face_crops` does. Returns ``(batch
+    (N, 3, size, size) float32, landmarks (N, 68, 3) float32 crop pixels)``."""
+    import cv2
+
+    from ..image_io import load_image
+    from ..runtime.detect import create_detector
+    from ..runtime.landmarks import LandmarkStage
+    from ..runtime.pipeline import face_crops as crops_of
+
+    detector = detector or create_detector()
+    landmark_stage = landmark_stage or LandmarkStage()
+    batches = [np.zeros((0, 3, size, size), np.float32)]
+    landmarks = [np.zeros((0, 68, 3), np.float32)]
+    for path in images:
+        mirrored = np.ascontiguousarray(load_image(path)[:, ::-1])
+        h, w = mirrored.shape[:2]
+        variants = [mirrored] + [
+            cv2.warpAffine(mirrored, cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0),
+                           (w, h), borderMode=cv2.BORDER_REFLECT)
+            for angle in CALIBRATION_TURNS]
+        for image in variants:
+            batch, points = crops_of(image, detector=detector, landmark_stage=landmark_stage,
+                                     size=size, max_faces=max_faces_per_photo)
+            batches.append(batch)
+            landmarks.append(points)
+    return np.concatenate(batches), np.concatenate(landmarks)
+
+
 def validate_against_reference(backend, reference_volumes: np.ndarray, batch: np.ndarray,
                                landmarks: np.ndarray, *,
                                level: float = OCCUPANCY_LEVEL,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -79,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime.threads import prefer_passive_openmp
+
+    # First, before anything loads torch (vrn.bench does): without it, idle OpenMP
+    # threads spin, and on a shared CPU eager PyTorch, the reference every ratio is taken
+    # against, runs tens of times slower. An explicit setting is kept.
+    prefer_passive_openmp()
     parser = build_parser()
     return run_command("vrn-bench", parser, lambda args: _run(args, parser), argv)
 
@@ -95,11 +100,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 1
         print(f"wrote {path}")
         return 0
-    if "torch" not in sys.modules:
-        # Before torch (and numba's OpenMP pool) load: without it, idle OpenMP threads
-        # spin, and on a shared CPU eager PyTorch, the reference every ratio is taken
-        # against, runs tens of times slower. An explicit setting is kept.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ..runtime.threads import configure_threads
+
+    configure_threads()  # the thread budget vrn-live runs under
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         parser.error("--plot needs matplotlib: pip install vrn-edge[bench]")
     try:

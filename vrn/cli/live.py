@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="run the backend here (default: CUDA when the backend can use it)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
-                   help="compute precision (default: fp16 on CUDA, fp32 on the CPU)")
+                   help="compute precision (default: fp16 on CUDA, fp32 on the CPU; bf16: "
+                        "PyTorch autocast with channels-last, on CPUs with native bf16 "
+                        "(AVX-512 BF16, AMX, Arm BF16); --backend auto then means torch)")
     p.add_argument("--headless", action="store_true",
                    help="no window: print a stats line periodically (for SSH sessions)")
     p.add_argument("--max-frames", type=int, metavar="N",
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every frame's meshes to DIR as frame_<index>.ply")
     p.add_argument("--detect-every", type=int, default=5, metavar="K",
                    help="run the face detector every K frames, track in between (default 5)")
+    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap the network of each frame with the mesh of the frame "
+                        "before, on two threads: more FPS, a little more latency "
+                        "(default: on for CPU backends)")
     p.add_argument("--all-faces", action="store_true",
                    help="reconstruct every face (as one batch), not only the largest")
     p.add_argument("--detector-model", metavar="MODEL.onnx",
@@ -84,7 +90,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
     web_address = _web_address(args)
+    backend_name, device = _bf16_backend(args)
 
+    from ..runtime.threads import configure_threads, prefer_passive_openmp
+
+    prefer_passive_openmp()  # before torch loads: its idle threads must not spin
+    configure_threads()      # torch, ONNX Runtime, our kernels and OpenCV, one budget
     from ..runtime.capture import FrameGrabber, is_live_source, parse_source
     from ..runtime.detect import create_detector
     from ..runtime.live import check_display, format_summary, run_live
@@ -103,8 +114,8 @@ def _run(args: argparse.Namespace) -> int:
                      else {"score_threshold": args.detector_threshold})
         try:
             detector = create_detector(args.detector_model, **threshold)
-            reconstructor = Reconstructor(args.engine or args.weights, backend=args.backend,
-                                          device=args.device, precision=args.precision,
+            reconstructor = Reconstructor(args.engine or args.weights, backend=backend_name,
+                                          device=device, precision=args.precision,
                                           all_faces=args.all_faces, detector=detector)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
@@ -133,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
                            headless=args.headless, max_frames=args.max_frames,
                            record=args.record, record_fps=args.record_fps,
                            save_meshes=args.save_meshes, stats_json=args.stats_json,
-                           stats_interval_s=args.stats_interval, web=web)
+                           stats_interval_s=args.stats_interval, web=web,
+                           pipelined=args.pipeline)
         if summary.get("ended") in EXIT_CODES:
             ignore_interrupts()  # interrupted and finalised: a second signal changes nothing
     finally:
@@ -145,6 +157,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"recording: {summary['record']} ({summary['recorded_frames']} frames)")
     # The loop ended on Ctrl-C or SIGTERM after finalising its outputs.
     return EXIT_CODES.get(summary.get("ended"), 0)
+
+
+def _bf16_backend(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The backend and device to ask for: ``--precision bf16`` runs on PyTorch on the
+    CPU (``--backend auto`` becomes torch), and only where the CPU computes in bf16
+    natively; emulated bf16 is slower than fp32."""
+    if args.precision != "bf16":
+        return args.backend, args.device
+    if args.backend not in ("auto", "torch") or args.device == "cuda":
+        raise UsageError("--precision bf16 runs on the torch backend on the CPU")
+    from ..runtime.cpu import cpu_info
+
+    if not cpu_info().bf16:
+        raise UsageError("--precision bf16: this CPU has no native bf16 (no avx512_bf16, "
+                         "amx_bf16 or Arm bf16 in its flags); use fp32")
+    return "torch", "cpu"
 
 
 def _web_address(args: argparse.Namespace) -> tuple[str, int] | None:

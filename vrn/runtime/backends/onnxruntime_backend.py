@@ -12,7 +12,8 @@ on the device. The buffers come from the one provider the TensorRT backend uses 
 (:func:`~.cuda_arrays.device_buffers`: torch CUDA tensors, else numba-cuda device
 arrays), whose stream ONNX Runtime computes on; the binding, the input buffer and the
 output buffer of host results are made once per batch size and reused. On the CPU the
-session uses one intra-op thread per physical core and every graph optimisation.
+session takes the process's thread budget (:mod:`vrn.runtime.threads`: an intra-op
+thread per physical core, none spinning when idle) and every graph optimisation.
 
 A backend is made from an ``.onnx`` file, or from weights with :meth:`from_weights`,
 which exports the model once into a cache folder (keyed by a hash of the weights) with
@@ -90,14 +91,11 @@ class OnnxRuntimeBackend:
         self.device_id = device_id
         self._ort = ort
         wanted = check_provider(provider)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only; provider fallbacks are checked below
-        self.threads = threads or physical_cores()
-        if provider == "cpu":
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options = session_options(ort, provider, threads)
+        self.threads = options.intra_op_num_threads if provider == "cpu" else (
+            threads or physical_cores())
+        self.spinning = provider == "cpu" and options.get_session_config_entry(
+            "session.intra_op.allow_spinning") == "1"
         self._buffers = None  # GPU providers: device_buffers(device_id)
         self._bound: dict[int, _Bound] = {}  # per batch size
         graph = _GraphFacts(path)
@@ -155,12 +153,10 @@ class OnnxRuntimeBackend:
             trt = {"device_id": str(device_id), "trt_fp16_enable": "1" if fp16 else "0",
                    "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
-            if graph.dynamic_batch:
-                from ...export.onnx_export import DEFAULT_MAX_BATCH
-
+            if graph.dynamic_batch:  # batch 1 to the largest the graph was exported for
                 shape = f"x3x{graph.input_size}x{graph.input_size}"
                 profiles = {}
-                for batch, key in ((1, "min"), (1, "opt"), (DEFAULT_MAX_BATCH, "max")):
+                for batch, key in ((1, "min"), (1, "opt"), (graph.max_batch, "max")):
                     dims = [f"{graph.input_name}:{batch}{shape}"]
                     if graph.landmarks_name:
                         dims.append(f"{graph.landmarks_name}:{batch}x68x3")
@@ -234,7 +230,8 @@ class OnnxRuntimeBackend:
         """Run blocks until its outputs are ready; nothing is left to wait for."""
 
     def describe(self) -> str:
-        extra = f", {self.threads} threads" if self.device == "cpu" else ", IO binding"
+        extra = (f", {self.threads} threads{'' if self.spinning else ', no spinning'}"
+                 if self.device == "cpu" else ", IO binding")
         return (f"onnxruntime {self._ort.__version__} ({self.providers[0]}, "
                 f"{self.precision}{extra}; {self.path.name})")
 
@@ -260,13 +257,29 @@ class OnnxRuntimeBackend:
                                             **kwargs))
 
 
+def session_options(ort, provider: str, threads: int | None = None):
+    """The session's options: every graph optimisation, errors-only logging (provider
+    fallbacks are checked after loading) and, on the CPU provider, the process's thread
+    budget (:func:`vrn.runtime.threads.ort_session_options`: ``threads`` intra-op
+    threads, default the budget's; one inter-op thread; idle threads that do not spin)."""
+    from ..threads import ort_session_options
+
+    if provider == "cpu":
+        options = ort_session_options(ort, threads=threads)
+    else:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise BackendUnavailableError("onnxruntime backend: the onnxruntime package is not "
-                                      "installed (pip install onnxruntime, or "
-                                      "onnxruntime-gpu for the GPU providers)") from None
+        raise BackendUnavailableError("onnxruntime backend: ONNX Runtime is not installed "
+                                      "(pip install 'vrn-edge[cpu]', or 'vrn-edge[gpu]' "
+                                      "for the GPU providers)") from None
     return onnxruntime
 
 
@@ -340,7 +353,8 @@ class _Bound:
 
 class _GraphFacts:
     """What the session set-up needs from the file, read once without the weights'
-    external data: input name and size, whether the batch is dynamic, whether the graph
+    external data: input name and size, whether the batch is dynamic and its largest
+    value (the ``max_batch`` the exporter stores in the metadata), whether the graph
     computes in fp16, and its metadata."""
 
     def __init__(self, path: Path):
@@ -362,6 +376,12 @@ class _GraphFacts:
         self.fp16 = any(t.data_type == onnx.TensorProto.FLOAT16
                         for t in proto.graph.initializer)
         self.metadata = {p.key: p.value for p in proto.metadata_props}
+        from ...export.onnx_export import DEFAULT_MAX_BATCH
+
+        try:
+            self.max_batch = max(1, int(self.metadata.get("max_batch", DEFAULT_MAX_BATCH)))
+        except ValueError:
+            self.max_batch = DEFAULT_MAX_BATCH
 
     def model_info(self):
         """The :class:`~vrn.model.ModelInfo` stored in the metadata, if any."""
