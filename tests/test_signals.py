@@ -14,7 +14,7 @@ import cv2
 import pytest
 from test_live import plane_weights, write_video  # noqa: F401  (a fixture, a helper)
 
-from vrn.signals import interrupts_deferred
+from vrn.signals import Terminated, interrupts_deferred, sigterm_as_interrupt
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -25,6 +25,25 @@ def test_interrupts_deferred_ignores_signals_and_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)  # a KeyboardInterrupt or a termination would happen here
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_only_the_first_interrupt_raises():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        pass
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    try:
+        with pytest.raises(Terminated), sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        # Interrupted: every later signal is ignored, after the block too.
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(sig, handler)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

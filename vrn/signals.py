@@ -16,22 +16,32 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread where Ctrl-C raises ``KeyboardInterrupt``."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _first_interrupt(signum, frame):
+    """Raise for the first Ctrl-C or SIGTERM and ignore every later one: the clean-up
+    it starts (finalising a recording, joining threads) must not be cut short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (a no-op
-    outside the main thread, where signal handlers cannot be set)."""
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread where
+    Ctrl-C raises ``KeyboardInterrupt``, once: after the first of either, both are
+    ignored, also after the block (a command that was interrupted is on its way out).
+    Without an interrupt the previous handlers come back. (A no-op outside the main
+    thread, where signal handlers cannot be set.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {sig: signal.signal(sig, _first_interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGINT) is _first_interrupt:  # not interrupted
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -49,14 +59,6 @@ def interrupts_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def ignore_interrupts() -> None:
-    """From now on, ignore Ctrl-C and SIGTERM (main thread only): for a command that was
-    interrupted, has finalised its outputs and is on its way out."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # The word a command reports an interrupt with, and its exit code.

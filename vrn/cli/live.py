@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..signals import EXIT_CODES, ignore_interrupts
+from ..signals import EXIT_CODES
 from .command import UsageError, run_command
 
 
@@ -146,8 +146,6 @@ def _run(args: argparse.Namespace) -> int:
                            save_meshes=args.save_meshes, stats_json=args.stats_json,
                            stats_interval_s=args.stats_interval, web=web,
                            pipelined=args.pipeline)
-        if summary.get("ended") in EXIT_CODES:
-            ignore_interrupts()  # interrupted and finalised: a second signal changes nothing
     finally:
         grabber.stop()
         if web is not None:
