@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic, write_text_atomic
+from ..cuda_driver import libcuda
 from ..errors import BackendUnavailableError, EngineError
 
 FORMAT = "vrn-engine/1"
@@ -386,22 +387,11 @@ CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
-@functools.lru_cache(maxsize=1)
-def _libcuda():
-    """The CUDA driver library, or ``None`` where there is no NVIDIA driver."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
 @functools.cache
 def _primary_context(device_id: int) -> int | None:
     """Device ``device_id``'s primary context (retained once, for the process's life:
     the one context TensorRT, torch and numba-cuda all use), or ``None``."""
-    lib = _libcuda()
+    lib = libcuda()
     device, context = ctypes.c_int(), ctypes.c_void_p()
     if lib is None or lib.cuInit(0) != 0 \
             or lib.cuDeviceGet(ctypes.byref(device), int(device_id)) != 0 \
@@ -418,7 +408,7 @@ def cuda_device(device_id: int = 0):
     deserializes and runs engines on the current device. Nothing happens where the
     device is current already, or without a driver (the caller's next CUDA call then
     fails with its own message)."""
-    lib = _libcuda()
+    lib = libcuda()
     context = _primary_context(int(device_id)) if lib is not None else None
     if context is None:
         if lib is not None and current_gpu(device_id) is None:
@@ -441,7 +431,7 @@ def current_gpu(device: int = 0) -> GpuInfo | None:
     """Name and compute capability of CUDA device ``device``, from the CUDA driver
     (``libcuda``, present wherever an NVIDIA driver is, Jetson included); ``None``
     without a driver or device."""
-    lib = _libcuda()
+    lib = libcuda()
     if lib is None:
         return None
     handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
+from ..cuda_driver import libcuda
 from ._checks import check_level, check_volume, classification
 from ._tables import EDGE_AXIS, EDGE_CORNER, TRIANGLE_COUNT, TRIANGLES
 
@@ -414,19 +414,9 @@ def array_device_id(obj) -> int | None:
     return _pointer_device(pointer)
 
 
-@functools.lru_cache(maxsize=1)
-def _libcuda():
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
 def _pointer_device(pointer: int) -> int | None:
     """The device of a unified device address (``cuPointerGetAttribute``), or ``None``."""
-    lib = _libcuda() if pointer else None
+    lib = libcuda() if pointer else None
     if lib is None:
         return None
     ordinal = ctypes.c_int(-1)
