@@ -9,7 +9,8 @@ Subpackages, lowest first (each imports only those before it): :mod:`vrn.kernels
 :mod:`vrn.runtime` (the per-frame pipeline), :mod:`vrn.deploy` (``vrn-export``: the
 writers checked through the runtime's backends), :mod:`vrn.train`, :mod:`vrn.eval`,
 :mod:`vrn.bench`, :mod:`vrn.viewer`, and :mod:`vrn.cli` (the commands). Shared by all:
-:mod:`vrn.errors`, :mod:`vrn.atomic`, :mod:`vrn.metrics`, :mod:`vrn.image_io`.
+:mod:`vrn.errors`, :mod:`vrn.atomic`, :mod:`vrn.metrics`, :mod:`vrn.image_io`,
+:mod:`vrn.signals`, :mod:`vrn.cuda_driver`.
 """
 
 import importlib
