@@ -34,6 +34,25 @@ def make_small_model(architecture: str = "VRN", *, bn_mode: str = "instance", se
     return build_model(architecture, VRNConfig(**config), bn_mode=bn_mode).eval()
 
 
+def make_plane_weights(folder: Path, *, trained: bool = True, **overrides) -> Path:
+    """``folder/plane.safetensors``: a small VRN (:data:`TINY_CONFIG` with ``overrides``)
+    whose volume is a wall at one depth whatever the image (last convolution's weights
+    zero, biases from +4 to -4 along depth): sharp occupancy, as trained weights give, so
+    fp16 rounding flips no voxel, and a mesh whose position says where the crop was;
+    saved with ``trained`` in its metadata."""
+    import dataclasses
+
+    from vrn.model import model_info, save_checkpoint
+
+    model = make_small_model(seed=5, **{**TINY_CONFIG, **overrides})
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.linspace(4.0, -4.0, model.config.out_depth))
+    path = folder / "plane.safetensors"
+    save_checkpoint(model, path, info=dataclasses.replace(model_info(model), trained=trained))
+    return path
+
+
 @pytest.fixture
 def small_model():
     """``small_model(architecture="VRN", *, bn_mode="instance", seed=0, **overrides)``:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import make_plane_weights
 from vrn.cli.export import main as export_main
 from vrn.deploy import exporter, parity
 from vrn.deploy.exporter import ExportError, Exporter
@@ -974,22 +975,6 @@ def test_full_model_export_fp32_fp16_dynamic_batch(tmp_path):
 # Findings 2 (the fp16 gate), 3 (the engine check's buffers, said before the build), 5
 # (device ids), 7 (CUDA graphs), 9 (engine defaults) and 10 (a stricter stand-in).
 
-def plane_weights(folder, *, trained: bool = True):
-    """A small VRN whose volume is a wall at one depth whatever the image (head weights
-    zero, biases from +4 to -4 along depth): sharp occupancy, as trained weights give,
-    so fp16 rounding flips no voxel; saved with ``trained`` in its metadata."""
-    model = random_model(seed=5, config=SMALL)
-    with torch.no_grad():
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.copy_(torch.linspace(4.0, -4.0, SMALL.out_depth))
-    path = folder / "plane.safetensors"
-    save_checkpoint(model, path)
-    model = load_model(path)
-    model.info.trained = trained
-    save_checkpoint(model, path, info=model.info)
-    return path
-
-
 def fp16_chain() -> onnx.ModelProto:
     """x -> Relu (reads the input: stays fp32) -> * 300 -> * 300 -> * 0.001 (fp16)."""
     consts = [numpy_helper.from_array(np.array(v, np.float32), n)
@@ -1056,7 +1041,7 @@ def test_failed_engine_gate_keeps_a_rejected_engine_and_accept_parity_keeps_it(
     up) is kept as vrn.fp16.engine.rejected with its sidecar and parity report, not
     thrown away; --accept-parity publishes it, recorded as accepted; a later checked
     engine removes the rejected one."""
-    weights = plane_weights(tmp_path)
+    weights = make_plane_weights(tmp_path)
     out = tmp_path / "out"
     fake_gpu_build.fp16_noise = 0.3
     report = Exporter(out, fp16=True, max_batch=2, out=_Lines([])).export(weights)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import make_plane_weights
 from fakes.tensorrt import FakeBuild, clear_tensorrt_caches, install_fake_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,25 +82,6 @@ def test_surface_window_holds_the_surface():
     assert len(marching_cubes(window)[1]) > 0
 
 
-def plane_weights(folder: Path, *, size: int = 32) -> Path:
-    """A small trained-flagged VRN whose volume is a wall at one depth (sharp occupancy,
-    so fp16-sized errors flip nothing)."""
-    from vrn.model import VRNConfig, load_model, random_model, save_checkpoint
-
-    config = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
-                       residuals_b=1, residuals_b_innermost=1, out_depth=8, input_size=size)
-    model = random_model(seed=5, config=config)
-    with torch.no_grad():
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.copy_(torch.linspace(4.0, -4.0, config.out_depth))
-    path = folder / "plane.safetensors"
-    save_checkpoint(model, path)
-    model = load_model(path)
-    model.info.trained = True
-    save_checkpoint(model, path, info=model.info)
-    return path
-
-
 @pytest.fixture
 def stand_in_gpu(monkeypatch):
     from vrn.export.engine_file import GpuInfo
@@ -115,7 +96,7 @@ def test_gpu_check_tensorrt_checks_the_engine_vrn_export_writes(tmp_path, stand_
     yes`` (batch 1 to 4, tuned for 1) and reports that export's fp16 gate; a failed gate
     fails the check, yet the engine (kept with --accept-parity) is still measured."""
     gpu_check = load_gpu_check()
-    ctx = gpu_check.Context(str(plane_weights(tmp_path)), tmp_path / "scratch")
+    ctx = gpu_check.Context(str(make_plane_weights(tmp_path)), tmp_path / "scratch")
     ctx.scratch.mkdir()
     result = gpu_check.check_tensorrt(ctx)
     assert result["status"] == "pass", result["detail"]

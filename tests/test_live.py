@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
+from conftest import make_plane_weights
 from vrn.cli.live import main
 from vrn.runtime.capture import CaptureError, FrameGrabber
 from vrn.runtime.detect import FaceBox
@@ -70,19 +70,8 @@ def plane_weights(tmp_path_factory) -> Path:
     last convolution's weights are zero and its biases fall from +4 to -4 over depth, so
     every frame's mesh is the crop square at one depth (a few ms per frame, and its
     position says exactly where the crop was)."""
-    from vrn.model import VRN, VRNConfig, save_checkpoint, set_bn_mode
-
-    torch.manual_seed(0)
-    config = VRNConfig(features=16, num_stacks=1, hourglass_depth=1, residuals_a=1,
-                       residuals_b=1, residuals_b_innermost=1, out_depth=16, input_size=192)
-    model = set_bn_mode(VRN(config), "instance").eval()
-    last = model.head[-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.linspace(4.0, -4.0, config.out_depth))
-    path = tmp_path_factory.mktemp("weights") / "plane.safetensors"
-    save_checkpoint(model, path)
-    return path
+    return make_plane_weights(tmp_path_factory.mktemp("weights"), trained=False,
+                              out_depth=16, input_size=192)
 
 
 @pytest.fixture(scope="module")
