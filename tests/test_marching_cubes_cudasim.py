@@ -118,7 +118,8 @@ def mesh_ops_match_the_cpu():
 
     rng = np.random.default_rng(3)
     vertices = np.concatenate([rng.uniform(-2, 12, (40, 3)),
-                               [[0, 0, 0], [9, 7, 1], [9.5, 7.5, 0.5]]]).astype(np.float32)
+                               [[0, 0, 0], [9, 7, 1], [9.5, 7.5, 0.5], [np.nan, 3, 0],
+                                [2, np.nan, 0], [np.inf, -np.inf, 0]]]).astype(np.float32)
     crop = rng.random((3, 8, 10)).astype(np.float32)
     angle = 0.3
     crop_to_photo = np.array([[1.7 * np.cos(angle), -1.7 * np.sin(angle), 120.25],
@@ -126,7 +127,8 @@ def mesh_ops_match_the_cpu():
     gpu_vertices = cuda.to_device(vertices)
     moved = transform_vertices(gpu_vertices, crop_to_photo, z_scale=0.5)
     assert np.array_equal(to_host(moved, moved)[0],
-                          transform_vertices(vertices, crop_to_photo, z_scale=0.5))
+                          transform_vertices(vertices, crop_to_photo, z_scale=0.5),
+                          equal_nan=True)
     for gpu_crop in (crop, cuda.to_device(crop)):
         colors = vertex_colors(gpu_crop, gpu_vertices)
         assert np.array_equal(colors.copy_to_host(), vertex_colors(crop, vertices))

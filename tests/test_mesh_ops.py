@@ -95,6 +95,14 @@ def test_colors_clamp_outside_the_crop():
     assert np.array_equal(vertex_colors(crop, inside), expected)
 
 
+def test_colors_of_non_finite_vertices_read_the_crop_edge():
+    """NaN reads column or row 0 and infinities clamp: never a read outside the crop."""
+    crop = np.random.default_rng(4).random((3, 6, 7)).astype(np.float32)
+    odd = np.array([[np.nan, np.nan, 0], [np.inf, -np.inf, 0], [np.nan, 5, 0]], np.float32)
+    edge = np.array([[0, 0, 0], [6, 0, 0], [0, 5, 0]], np.float32)
+    assert np.array_equal(vertex_colors(crop, odd), vertex_colors(crop, edge))
+
+
 def test_colors_match_a_float64_bilinear_reference():
     rng = np.random.default_rng(3)
     crop = rng.random((3, 32, 32)).astype(np.float32)

@@ -224,6 +224,20 @@ def test_a_real_reexport(small_checkpoint, pristine, cache, crops, capsys):
     assert onnx_cache.check(path) is None
 
 
+def test_changed_graph_source_is_exported_again(small_checkpoint, pristine, cache, exports,
+                                                monkeypatch):
+    """The cache key covers the code that builds the graph: the same weights under
+    changed model code are a new file, not the old graph."""
+    import vrn.runtime.backends.onnxruntime_backend as ort_backend
+    from vrn.model import load_model
+
+    model = load_model(small_checkpoint)
+    assert ort_backend.cached_onnx(model) == cached_path(cache, pristine) and exports == []
+    monkeypatch.setattr(ort_backend, "_graph_source_digest", lambda: "changed model code")
+    again = ort_backend.cached_onnx(model)
+    assert again != cached_path(cache, pristine) and again.is_file() and len(exports) == 1
+
+
 def test_fp16_variant(small_checkpoint, cache, capsys, monkeypatch):
     """The fp16 conversion has its own entry: corrupting it converts again, only it."""
     import vrn.export.fp16 as fp16

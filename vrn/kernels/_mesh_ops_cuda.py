@@ -32,12 +32,12 @@ def _colors_kernel(crop, vertices, out):
         height = crop.shape[1]
         width = crop.shape[2]
         x = vertices[i, 0]
-        if x < 0:
+        if not x >= 0:  # NaN too
             x = float32(0)
         if x > width - 1:
             x = float32(width - 1)
         y = vertices[i, 1]
-        if y < 0:
+        if not y >= 0:
             y = float32(0)
         if y > height - 1:
             y = float32(height - 1)

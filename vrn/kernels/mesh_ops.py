@@ -78,7 +78,8 @@ def vertex_colors(crop, vertices, *, out=None):
         colours keep its channel order.
     vertices : (V, 3) float32 array
         Vertices in crop voxel space (before :func:`transform_vertices`); ``(x, y)``
-        are crop pixel coordinates, pixel centres at integers, clamped to the crop.
+        are crop pixel coordinates, pixel centres at integers, clamped to the crop (NaN
+        reads its first column or row).
     out : (V, 3) uint8 array, optional
         Where to write the result.
 
@@ -143,28 +144,24 @@ def _colors_cpu(crop, vertices, out):
     height = crop.shape[1]
     width = crop.shape[2]
     for i in range(vertices.shape[0]):
+        # Clamped with min and max, which compile without branches; NaN reads column
+        # or row 0 (the twin of _mesh_ops_cuda._colors_kernel).
         x = vertices[i, 0]
-        if x < 0:
+        if not x >= 0:
             x = np.float32(0)
-        if x > width - 1:
-            x = np.float32(width - 1)
+        x = min(x, np.float32(width - 1))
         y = vertices[i, 1]
-        if y < 0:
+        if not y >= 0:
             y = np.float32(0)
-        if y > height - 1:
-            y = np.float32(height - 1)
+        y = min(y, np.float32(height - 1))
         x0 = np.int64(x)  # x, y >= 0, so truncation is floor
         y0 = np.int64(y)
-        x1 = x0 + 1 if x0 + 1 < width else x0
-        y1 = y0 + 1 if y0 + 1 < height else y0
+        x1 = min(x0 + 1, width - 1)
+        y1 = min(y0 + 1, height - 1)
         fx = x - np.float32(x0)
         fy = y - np.float32(y0)
         for ch in range(3):
             top = _lerp(crop[ch, y0, x0], crop[ch, y0, x1], fx)
             bottom = _lerp(crop[ch, y1, x0], crop[ch, y1, x1], fx)
-            value = _lerp(top, bottom, fy)
-            if value < 0:
-                value = np.float32(0)
-            if value > 1:
-                value = np.float32(1)
+            value = min(max(_lerp(top, bottom, fy), np.float32(0)), np.float32(1))
             out[i, ch] = np.uint8(np.int64(np.float64(value) * 255.0 + 0.5))

@@ -116,16 +116,20 @@ class LandmarkDepth(nn.Module):
         self.register_buffer("grid", grid, persistent=False)
 
     def forward(self, landmarks: torch.Tensor) -> torch.Tensor:
-        grid = self.grid.float()
+        grid = self.grid.float().view(1, -1, 1)
         p = torch.matmul(self.points.float(), landmarks.float())           # (N, J, 3)
-        dx2 = (grid - p[..., 0:1]) ** 2                                      # (N, J, S)
-        dy2 = (grid - p[..., 1:2]) ** 2
-        r2 = dy2.unsqueeze(-1) + dx2.unsqueeze(-2)                           # (N, J, S, S)
+        # Points on the last axis: a softmax and a min over the last axis are one
+        # contiguous pass each (over axis 1, ONNX Runtime transposes: 10x slower).
+        dx2 = (grid - p[..., 0].unsqueeze(1)) ** 2                           # (N, S, J)
+        dy2 = (grid - p[..., 1].unsqueeze(1)) ** 2
+        r2 = dy2.unsqueeze(2) + dx2.unsqueeze(1)                             # (N, S, S, J)
         z = p[..., 2] - p[..., 2].amax(dim=1, keepdim=True)                  # (N, J)
         w = torch.softmax(r2 * (-0.5 / self.sigma ** 2)
-                          + (self.nearness * z)[..., None, None], dim=1)
-        depth = (w * (z * self.depth_scale + self.anchor)[..., None, None]).sum(dim=1)
-        cover = torch.exp(r2.amin(dim=1) * (-0.5 / self.cover_sigma ** 2))
+                          + (self.nearness * z)[:, None, None, :], dim=-1)
+        n, s = w.shape[0], w.shape[1]
+        values = (z * self.depth_scale + self.anchor).unsqueeze(-1)         # (N, J, 1)
+        depth = torch.matmul(w.reshape(n, s * s, -1), values).reshape(n, s, s)
+        cover = torch.exp(r2.amin(dim=-1) * (-0.5 / self.cover_sigma ** 2))
         return torch.stack([depth, cover], dim=1)
 
 

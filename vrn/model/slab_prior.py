@@ -18,7 +18,10 @@ points, each a fixed affine combination of the landmarks (the ``points`` of
    at its edge;
 3. **volume**: each voxel ``(d, y, x)`` is the crop point ``(x, y, (d - front) / 2 +
    z_max)`` (depth at twice the pixel scale, the nearest point at ``d = front``),
-   turned frontal; its logit is the smaller of the slab's ramp ``2 * min(zf - q_z, q_z -
+   turned frontal (the map is read on every second depth plane, ``map_planes``
+   evenly spaced ones, and linearly interpolated along depth in between: the read
+   point moves at most 1 crop pixel between them, and the map read is the prior's
+   largest cost); its logit is the smaller of the slab's ramp ``2 * min(zf - q_z, q_z -
    zf + thickness)`` (voxels) and the face's edge ``edge_slope * (density(q) -
    cover_cut)``, each clipped to ``[outside, clamp]``: the slab cut by a smooth wall
    where the density falls to ``cover_cut``. Both terms are linear near the surface, so
@@ -85,9 +88,11 @@ class SlabPrior(nn.Module):
                  num_points: int = 256, neighbours: int = 6, map_size: int = 64,
                  sigma: float = 2.5, nearness: float = 0.1, cover_sigma: float = 5.0,
                  cover_cut: float = 1.0, edge_slope: float = 30.0, thickness: float = 20.0,
-                 clamp: float = 30.0, outside: float = -30.0, logit_scale: float = 0.3):
+                 clamp: float = 30.0, outside: float = -30.0, logit_scale: float = 0.3,
+                 map_planes: int | None = None):
         super().__init__()
         self.depth, self.front = depth, front
+        self.map_planes = map_planes or depth // 2 + 1
         self.sigma, self.nearness, self.cover_sigma = sigma, nearness, cover_sigma
         self.cover_cut, self.edge_slope = cover_cut, edge_slope
         self.logit_scale = logit_scale
@@ -100,6 +105,9 @@ class SlabPrior(nn.Module):
         self.register_buffer("grid", torch.linspace(0, crop - 1, size), persistent=False)
         self.register_buffer("depth_px", (torch.arange(depth, dtype=torch.float32) - front)
                              .view(1, depth, 1, 1) * 0.5, persistent=False)
+        self.register_buffer("map_depth_px", (torch.linspace(0, depth - 1, self.map_planes)
+                                              - front).view(1, -1, 1, 1) * 0.5,
+                             persistent=False)
 
     def frontal_map(self, frontal: torch.Tensor) -> torch.Tensor:
         """Frontal points ``(N, J, 3)`` -> ``(N, 2, M, M)``: depth (crop px) and point
@@ -144,20 +152,23 @@ class SlabPrior(nn.Module):
         centre = p.mean(dim=1, keepdim=True)
         frontal = torch.matmul(p - centre, rot) + centre                   # R^T (p - c) + c
         fmap = self.frontal_map(frontal)                                   # (N, 2, M, M)
-        n, s, d = lm.shape[0], self.grid.shape[0], self.depth
+        n, s, d, k = lm.shape[0], self.grid.shape[0], self.depth, self.map_planes
         c = centre[:, 0]                                                   # (N, 3)
         px = (self.grid.view(1, 1, 1, s) - c[:, 0].view(-1, 1, 1, 1))
         py = (self.grid.view(1, 1, s, 1) - c[:, 1].view(-1, 1, 1, 1))
-        pz = self.depth_px + (p[..., 2].amax(dim=1) - c[:, 2]).view(-1, 1, 1, 1)
+        top = (p[..., 2].amax(dim=1) - c[:, 2]).view(-1, 1, 1, 1)
+        pz, map_pz = self.depth_px + top, self.map_depth_px + top
         r = rot.view(-1, 9, 1, 1, 1)
-        qx = r[:, 0] * px + r[:, 3] * py + r[:, 6] * pz + c[:, 0].view(-1, 1, 1, 1)
-        qy = r[:, 1] * px + r[:, 4] * py + r[:, 7] * pz + c[:, 1].view(-1, 1, 1, 1)
+        qx = r[:, 0] * px + r[:, 3] * py + r[:, 6] * map_pz + c[:, 0].view(-1, 1, 1, 1)
+        qy = r[:, 1] * px + r[:, 4] * py + r[:, 7] * map_pz + c[:, 1].view(-1, 1, 1, 1)
         qz = r[:, 2] * px + r[:, 5] * py + r[:, 8] * pz + c[:, 2].view(-1, 1, 1, 1)
         span = self.MAP_STOP - self.MAP_START
         uv = torch.stack([(qx - self.MAP_START) * (2.0 / span) - 1.0,
                           (qy - self.MAP_START) * (2.0 / span) - 1.0], dim=-1)
-        sampled = F.grid_sample(fmap, uv.reshape(n, d * s, s, 2), mode="bilinear",
+        sampled = F.grid_sample(fmap, uv.reshape(n, k * s, s, 2), mode="bilinear",
                                 padding_mode="border", align_corners=True)
+        sampled = F.interpolate(sampled.reshape(n, 2, k, s * s), size=(d, s * s),
+                                mode="bilinear", align_corners=True)   # along depth
         sampled = sampled.reshape(n, 2, d, s, s)
         zf, cover = sampled[:, 0], sampled[:, 1]
         inside = torch.minimum(zf - qz, qz - zf + self.thickness)
@@ -172,7 +183,8 @@ def render_slab_prior(landmarks: np.ndarray, points: np.ndarray, reference_pinv:
                       nearness: float = 0.1, cover_sigma: float = 5.0,
                       cover_cut: float = 1.0, edge_slope: float = 30.0,
                       thickness: float = 20.0, clamp: float = 30.0,
-                      outside: float = -30.0, logit_scale: float = 0.3) -> np.ndarray:
+                      outside: float = -30.0, logit_scale: float = 0.3,
+                      map_planes: int | None = None) -> np.ndarray:
     """NumPy twin of :class:`SlabPrior`: ``(N, 68, 3)`` landmarks -> ``(N, depth, size,
     size)`` float32 logits."""
     from scipy.ndimage import map_coordinates
@@ -183,6 +195,12 @@ def render_slab_prior(landmarks: np.ndarray, points: np.ndarray, reference_pinv:
     g = np.linspace(SlabPrior.MAP_START, SlabPrior.MAP_STOP, map_size)
     step = g[1] - g[0]
     grid = np.linspace(0, crop - 1, size)
+    map_planes = map_planes or depth // 2 + 1
+    map_d = np.linspace(0, depth - 1, map_planes)
+    # Each depth plane between two map planes: its lower one and the weight of the upper.
+    at = np.arange(depth) * ((map_planes - 1) / (depth - 1))
+    lower = np.minimum(np.floor(at).astype(int), map_planes - 2)
+    upper_weight = (at - lower)[:, None, None]
     out = np.empty((len(lm), depth, size, size), np.float32)
     for n, one in enumerate(lm):
         centred = one - one.mean(0)
@@ -211,12 +229,16 @@ def render_slab_prior(landmarks: np.ndarray, points: np.ndarray, reference_pinv:
         zmap = (w * planes).sum(0)
         cmap = np.exp(-r2 / (2 * cover_sigma ** 2)).sum(0)
         pd = (np.arange(depth)[:, None, None] - front) * 0.5 + p[:, 2].max() - c[2]
+        map_pd = (map_d[:, None, None] - front) * 0.5 + p[:, 2].max() - c[2]
         px, py = grid[None, None, :] - c[0], grid[None, :, None] - c[1]
-        qx, qy, qz = (rot[0, k] * px + rot[1, k] * py + rot[2, k] * pd + c[k] for k in range(3))
-        qx, qy, qz = np.broadcast_arrays(qx, qy, qz)
+        qx, qy = (np.broadcast_to(rot[0, k] * px + rot[1, k] * py + rot[2, k] * map_pd + c[k],
+                                  (map_planes, size, size)) for k in range(2))
+        qz = rot[0, 2] * px + rot[1, 2] * py + rot[2, 2] * pd + c[2]
         coords = [((qy - g[0]) / step).ravel(), ((qx - g[0]) / step).ravel()]
-        zf = map_coordinates(zmap, coords, order=1, mode="nearest").reshape(qx.shape)
-        cover = map_coordinates(cmap, coords, order=1, mode="nearest").reshape(qx.shape)
+        zf, cover = (map_coordinates(m, coords, order=1, mode="nearest").reshape(qx.shape)
+                     for m in (zmap, cmap))
+        zf, cover = ((1 - upper_weight) * v[lower] + upper_weight * v[lower + 1]
+                     for v in (zf, cover))
         inside = np.minimum(zf - qz, qz - zf + thickness)
         edge = np.clip(edge_slope * (cover - cover_cut), outside, clamp)
         out[n] = logit_scale * np.minimum(np.clip(2 * inside, -clamp, clamp), edge)

@@ -42,6 +42,18 @@ CACHE_ENV = "VRN_CACHE_DIR"
 EXPORT_VERSION = 3  # part of the cache key: bump when the exported graph's interface changes
 
 
+def _graph_source_digest() -> str:
+    """SHA-256 of the sources that define the exported graph (:mod:`vrn.model` and the
+    exporter), so that a changed computation never reuses a cached graph."""
+    from ... import export, model
+
+    digest = hashlib.sha256()
+    for package in (model, export):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def default_cache_dir() -> Path:
     """``$VRN_CACHE_DIR``, else ``$XDG_CACHE_HOME/vrn-edge``, else ``~/.cache/vrn-edge``."""
     if os.environ.get(CACHE_ENV):
@@ -305,7 +317,8 @@ def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
     """The ONNX export of ``model`` in the cache, exported now if missing or corrupt
     (atomically, so concurrent or interrupted exports never leave a partial file; see
     :func:`.onnx_cache.cached_file`). The file name is a hash of the weights, the model
-    description and the export settings; ``fp16`` gives the fp16 conversion of that
+    description, the export settings and the graph's source (:func:`_graph_source_digest`);
+    ``fp16`` gives the fp16 conversion of that
     file. ``max_batch`` defaults to the export's (4)."""
     from ...export.onnx_export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, export_onnx
     from ...model import model_info
@@ -315,7 +328,7 @@ def cached_onnx(model, cache_dir: str | os.PathLike | None = None, *,
     key = hashlib.sha256()
     meta = info.to_metadata()
     key.update(json.dumps({"meta": meta, "max_batch": max_batch, "opset": DEFAULT_OPSET,
-                           "export": EXPORT_VERSION},
+                           "export": EXPORT_VERSION, "source": _graph_source_digest()},
                           sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         key.update(name.encode())
