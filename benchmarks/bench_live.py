@@ -1,18 +1,22 @@
 """``vrn-live --headless`` frame rate and latency, every backend side by side in one
 process: ``python benchmarks/bench_live.py [--frames 120] [--rounds 3]
-[--backends onnxruntime,torch] [--thread-options] [--weights PATH] [--json out.json]``.
+[--backends onnxruntime,torch] [--detect-every 5[,10,...]] [--thread-options]
+[--weights PATH] [--json out.json]``.
 
-Each backend runs the live loop (capture, tracker with detection every 5 frames,
-landmarks, crop, network, marching cubes, colours; :func:`vrn.runtime.live.run_live`,
-exactly what ``vrn-live --headless`` runs) over the same clip: the bundled sample photo
-turned and moved in every frame (:func:`vrn.bench.video.moving_face_video`), pipelined
-(the network of frame n + 1 beside the mesh of frame n, the default on the CPU) and
-sequential, under the process's thread budget (:mod:`vrn.runtime.threads`, as
-``vrn-live`` sets it). The configurations take turns, round after round, so that a
-change in the machine's load hits all of them alike. Reported per configuration: frames
-per second, latency from capture to mesh and per-stage p50 and p90 (each the median over
-the rounds), the load average before and after, and the system block of
-``vrn-bench``.
+Each backend runs the live loop (capture, tracker with detection every 5 frames and the
+landmarks followed in between, crop, network, marching cubes, colours;
+:func:`vrn.runtime.live.run_live`, exactly what ``vrn-live --headless`` runs) over the
+same clip: the bundled sample photo turned and moved in every frame
+(:func:`vrn.bench.video.moving_face_video`), pipelined (the network of frame n + 1
+beside the mesh of frame n, the default on the CPU) and sequential, under the process's
+thread budget (:mod:`vrn.runtime.threads`, as ``vrn-live`` sets it). The
+configurations take turns, round after round, so that a change in the machine's load
+hits all of them alike. Reported per configuration: frames per second, latency from
+capture to mesh and per-stage p50 and p90 (each the median over the rounds), the load
+average before and after, and the system block of ``vrn-bench``.
+
+``--detect-every`` with several values runs every configuration at each of these
+detection intervals, taking turns with the rest.
 
 ``--thread-options`` adds ONNX Runtime runs under other thread budgets (ONNX Runtime's
 threads spinning, OpenCV on one thread, the network on one thread, every core for the
@@ -27,6 +31,7 @@ frames wait less, as the grabber keeps only the newest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import statistics
@@ -49,6 +54,7 @@ class Config:
     backend: str
     pipelined: bool
     budget: ThreadBudget
+    detect_every: int = 5
     reconstructor: object = None
     summaries: list = field(default_factory=list)
     loads: list = field(default_factory=list)
@@ -95,7 +101,8 @@ def run_once(config: Config, video: Path) -> None:
     before = load_average()
     config.summaries.append(run_live(config.reconstructor, FrameGrabber(video),
                                      headless=True, out=io.StringIO(),
-                                     pipelined=config.pipelined))
+                                     pipelined=config.pipelined,
+                                     detect_every=config.detect_every))
     config.loads.append([before, load_average()])
 
 
@@ -109,7 +116,8 @@ def result(config: Config) -> dict:
                          for q in ("p50", "p90")}
     fps = [s["fps"] for s in config.summaries]
     return {"name": config.name, "backend": config.reconstructor.backend.describe(),
-            "pipelined": config.pipelined, "budget": config.budget.as_dict(),
+            "pipelined": config.pipelined, "detect_every": config.detect_every,
+            "budget": config.budget.as_dict(),
             "fps": round(statistics.median(fps), 2), "fps_rounds": fps,
             "latency_ms": stages.get("latency"),
             "frames": config.summaries[0]["frames"],
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--rounds", type=int, default=3, help="runs of the clip per configuration")
     p.add_argument("--backends", default="onnxruntime,torch")
+    p.add_argument("--detect-every", default="5", metavar="K[,K...]",
+                   help="detection intervals to compare (default 5, vrn-live's)")
     p.add_argument("--thread-options", action="store_true",
                    help="also ONNX Runtime under other thread budgets")
     p.add_argument("--weights", default=None, help="default: the package model")
@@ -135,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = configurations([b.strip() for b in args.backends.split(",")],
                              args.thread_options)
+    intervals = [int(k) for k in args.detect_every.split(",")]
+    if len(intervals) > 1:
+        configs = [dataclasses.replace(c, name=f"{c.name}, detect every {k}", detect_every=k)
+                   for c in configs for k in intervals]
     for config in configs:
         build(config, args.weights)
     system = system_info()

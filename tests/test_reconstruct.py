@@ -105,6 +105,28 @@ def test_multiple_faces_go_through_as_one_batch(sample_image, small_checkpoint):
                                       "colour"}
 
 
+def test_the_two_halves_make_the_whole(small_checkpoint, sample_image):
+    """``mesh_faces(infer_faces(image))`` is ``rec(image)``; a photo without a face goes
+    through both halves as a frame without faces."""
+    rec = Reconstructor(small_checkpoint)
+    whole = rec(sample_image)
+    inferred = rec.infer_faces(sample_image)
+    assert len(inferred.boxes) == 1 and inferred.landmarks.shape == (1, 68, 3)
+    assert inferred.crops.shape == (1, 192, 192, 3) and inferred.batch.shape == (1, 3, 192, 192)
+    assert set(inferred.timer.ms) == {"detect", "landmarks", "crop", "infer"}
+    halves = rec.mesh_faces(inferred)
+    assert set(halves.timings_ms) == set(whole.timings_ms)
+    (a,), (b,) = whole.faces, halves.faces
+    assert a.box == b.box and len(a.mesh.faces) > 100
+    for x, y in [(a.landmarks, b.landmarks), (a.photo_to_crop, b.photo_to_crop),
+                 (a.crop, b.crop), (a.mesh.vertices, b.mesh.vertices),
+                 (a.mesh.faces, b.mesh.faces), (a.mesh.colors, b.mesh.colors)]:
+        np.testing.assert_array_equal(x, y)
+    empty = rec.infer_faces(np.full((120, 120, 3), 90, np.uint8))
+    assert empty.boxes == [] and empty.landmarks.shape == (0, 68, 3)
+    assert rec.mesh_faces(empty).faces == []
+
+
 def _two_faces(folder, names):
     folder.mkdir(parents=True, exist_ok=True)
     photo = cv2.imread(str(sample_image_path()))

@@ -3,10 +3,13 @@ joined by bounded queues.
 
 - **capture** (:class:`~vrn.runtime.capture.FrameGrabber`): a one-frame slot; a live
   source drops frames the pipeline is too slow for, a video file is read frame by frame.
-- **pipeline** (a worker thread): face boxes from :class:`~vrn.runtime.tracking.FaceTracker`
-  (detection every K frames, smoothed tracks in between), then the
-  :class:`~vrn.runtime.pipeline.Reconstructor` on those boxes; on a CPU backend in two
-  stages on two threads, the network of frame n + 1 beside the mesh of frame n
+- **pipeline** (a worker thread): faces and their landmarks from
+  :class:`~vrn.runtime.tracking.FaceTracker` (detection every K frames, the landmarks
+  followed from frame to frame in between), then the
+  :class:`~vrn.runtime.pipeline.Reconstructor` on them, in its two halves
+  (:meth:`~vrn.runtime.pipeline.Reconstructor.infer_faces`,
+  :meth:`~vrn.runtime.pipeline.Reconstructor.mesh_faces`); on a CPU backend on two
+  threads, the network of frame n + 1 beside the mesh of frame n
   (:class:`_PipelineWorker`). Results go into a queue of :data:`RESULT_QUEUE_SIZE`
   items, in frame order; the worker waits when it is full.
 - **display** (the calling thread, since GUI toolkits want the main thread): the shaded
@@ -32,7 +35,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import cv2
 import numpy as np
@@ -42,9 +45,12 @@ from ..errors import VRNError
 from ..metrics import PERCENTILES, summarize
 from ..signals import interrupt_word, interrupts_deferred
 from .capture import Frame, FrameGrabber
-from .crop import to_network_input
 from .mesh import save_mesh
+from .timing import StageTimer
 from .tracking import FaceTracker, Track
+
+if TYPE_CHECKING:
+    from .pipeline import InferredFrame
 
 RESULT_QUEUE_SIZE = 2
 VIEWS = ("overlay", "textured", "camera")  # the main panel; `v` cycles through them
@@ -57,8 +63,10 @@ class LiveFrame:
     """One processed frame, as the pipeline stage hands it to the display stage.
 
     ``result`` is the :class:`~vrn.runtime.pipeline.FrameResult` (faces empty when none
-    were found); ``timings_ms`` holds the pipeline's stages with ``detect`` replaced by
-    the tracker's time (detection on detection frames, prediction only in between).
+    were found); ``tracks`` the tracks of its faces, in order. ``timings_ms`` holds the
+    pipeline's stages, ``detect`` being the tracker's time (detection on detection
+    frames, prediction only in between) and ``landmarks`` the landmark stage the
+    tracker ran, plus ``total``.
     """
 
     frame: Frame
@@ -216,16 +224,18 @@ class _PipelineWorker(threading.Thread):
     """Takes frames from the grabber, runs the tracker and the reconstruction, queues the
     results in frame order.
 
-    Sequential: :meth:`process` runs the whole :class:`~vrn.runtime.pipeline.Reconstructor`
-    on each frame. Pipelined (``pipelined=True``, CPU backends): each frame passes two
-    stages on two threads, joined by a queue of one frame: this thread runs the tracker,
-    the landmarks, the crop and the network (:meth:`track`, :meth:`network`);
-    ``vrn-mesh`` the isosurface and the colours (:meth:`mesh`). So the network works on
-    frame n + 1 while the mesh of frame n is made, and the cores the network leaves idle
-    (in its single-threaded layers, and while the single-threaded stages run) do the
-    mesh work. At most three frames are in flight (one per stage, one waiting between
-    them); a live source's grabber drops the frames taken too late. (The tracker on a
-    third thread of its own measured no faster and a frame or two later.)
+    Each frame has two halves: :meth:`network` (the tracker, the landmarks, the crop and
+    the network) and :meth:`mesh` (the isosurface and the colours). Sequential:
+    :meth:`process` runs both on this thread. Pipelined (``pipelined=True``, CPU
+    backends): :meth:`network` runs on this thread and :meth:`mesh` on ``vrn-mesh``,
+    joined by a queue of one frame. So the network works on frame n + 1 while the mesh
+    of frame n is made, and the cores the network leaves idle (in its single-threaded
+    layers, and while the single-threaded stages run) do the mesh work. At most three
+    frames are in flight (one per stage, one waiting between them); a live source's
+    grabber drops the frames taken too late. Either way the tracker and the landmark
+    stage run on this thread, one frame after the other, so the landmarks of frame n
+    are in the tracker before it moves on to frame n + 1. (The tracker on a third
+    thread of its own measured no faster and a frame or two later.)
     """
 
     def __init__(self, grabber: FrameGrabber, tracker: FaceTracker, reconstructor,
@@ -254,7 +264,7 @@ class _PipelineWorker(threading.Thread):
                         break
                     continue
                 if stages:
-                    stages[0].offer(self.network(self.track(frame)))
+                    stages[0].offer(self.network(frame))
                 else:
                     self._put(self.process(frame))
                 processed += 1
@@ -275,76 +285,38 @@ class _PipelineWorker(threading.Thread):
         mesh.start()
         return [mesh]
 
-    def _tracks(self, frame: Frame) -> tuple[list[Track], bool, float]:
-        """The tracker's faces for ``frame`` (the largest only, unless the reconstructor
-        wants all), whether it detected, and its milliseconds."""
-        start = time.perf_counter()
-        tracks, detected = self.tracker.update(frame.image)
-        track_ms = (time.perf_counter() - start) * 1e3
-        if not self.reconstructor.all_faces:
-            tracks = tracks[:1]
-        return tracks, detected, track_ms
-
     def process(self, frame: Frame) -> LiveFrame:
-        """The whole frame on this thread: tracker, then the reconstructor."""
+        """The whole frame on this thread."""
+        return self.mesh(self.network(frame))
+
+    def network(self, frame: Frame) -> _InFlight:
+        """The first half of a frame: the tracker, the landmarks (which the tracker
+        follows into the next frame), the crop and the network
+        (:meth:`~vrn.runtime.pipeline.Reconstructor.infer_faces`)."""
         start = time.perf_counter()
-        tracks, detected, track_ms = self._tracks(frame)
-        result = self.reconstructor(frame.image, boxes=[t.box for t in tracks])
-        timings = {"detect": track_ms}
-        timings.update({k: v for k, v in result.timings_ms.items() if k != "detect"})
-        timings["total"] = (time.perf_counter() - start) * 1e3
-        return LiveFrame(frame, result, tracks, detected, timings, time.perf_counter())
-
-    def track(self, frame: Frame) -> _InFlight:
-        """The first stage of a pipelined frame: the tracker."""
-        from .timing import StageTimer
-
-        tracks, detected, track_ms = self._tracks(frame)
-        # The boxes now: the tracker moves its tracks on at the next frame.
-        item = _InFlight(frame, tracks, [t.box for t in tracks], detected, StageTimer())
-        item.timer.ms["detect"] = item.work_ms = track_ms
-        return item
-
-    def network(self, item: _InFlight) -> _InFlight:
-        """After the tracker, in the first stage of a pipelined frame: landmarks, crop,
-        network."""
-        from .pipeline import landmark_crops
-
-        start = time.perf_counter()
-        rec, timer, image = self.reconstructor, item.timer, item.frame.image
-        if item.tracks:
+        rec, image, timer = self.reconstructor, frame.image, StageTimer()
+        with timer("detect"):
+            tracks, detected = self.tracker.update(image)
+            if not rec.all_faces:
+                tracks = tracks[:1]
+        landmarks = None
+        if tracks:
             with timer("landmarks"):
-                item.landmarks = np.asarray(rec.landmark_stage(image, item.boxes),
-                                            np.float32)
-            with timer("crop"):
-                item.matrices, item.crops, crop_landmarks = landmark_crops(
-                    image, item.landmarks, rec.backend.input_size)
-                item.batch = to_network_input(item.crops)
-            with timer("infer"):
-                item.volumes = rec.backend.infer(item.batch, crop_landmarks)
-        item.work_ms += (time.perf_counter() - start) * 1e3
-        return item
+                tracks, landmarks = self.tracker.track_landmarks(image, tracks,
+                                                                 rec.landmark_stage)
+        inferred = rec.infer_faces(image, boxes=[t.box for t in tracks], landmarks=landmarks,
+                                   timer=timer)
+        return _InFlight(frame, tracks, detected, inferred, (time.perf_counter() - start) * 1e3)
 
     def mesh(self, item: _InFlight) -> LiveFrame:
-        """The second stage of a pipelined frame: isosurface, colours, the result."""
-        from ..kernels import marching_cubes_batch
-        from .pipeline import FaceResult, FrameResult
-
+        """The second half of a frame: isosurface and colours
+        (:meth:`~vrn.runtime.pipeline.Reconstructor.mesh_faces`), the result."""
         start = time.perf_counter()
-        rec, timer, faces = self.reconstructor, item.timer, []
-        if item.tracks:
-            with timer("isosurface"):
-                isosurfaces = marching_cubes_batch(item.volumes, level=rec.level)
-            for i, (box, (vertices, triangles)) in enumerate(zip(item.boxes, isosurfaces)):
-                with timer("colour"):
-                    mesh = rec._finish_mesh(item.batch[i], vertices, triangles,
-                                            item.matrices[i])
-                faces.append(FaceResult(box, mesh, item.matrices[i], item.crops[i],
-                                        item.landmarks[i]))
-        timings = dict(timer.ms)
+        result = self.reconstructor.mesh_faces(item.inferred)
+        timings = dict(result.timings_ms)
         timings["total"] = item.work_ms + (time.perf_counter() - start) * 1e3
-        return LiveFrame(item.frame, FrameResult(faces, dict(timer.ms)), item.tracks,
-                         item.detected, timings, time.perf_counter())
+        return LiveFrame(item.frame, result, item.tracks, item.detected, timings,
+                         time.perf_counter())
 
     def _put(self, item, force: bool = False) -> None:
         _offer(self.results, item, self.stop, force=force)
@@ -352,23 +324,15 @@ class _PipelineWorker(threading.Thread):
 
 @dataclass
 class _InFlight:
-    """A pipelined frame between its stages: the tracker's faces with their boxes in
-    this frame and, once the network has run and when there are faces, their
-    landmarks ``(N, 68, 3)`` photo pixels, photo-to-crop matrices, crops
-    ``(N, S, S, 3)`` uint8, network input ``(N, 3, S, S)`` and volumes
-    ``(N, D, S, S)``; the stage times so far and the milliseconds of work so far."""
+    """A frame between its two halves: the tracker's faces (those reconstructed),
+    whether it detected, the :class:`~vrn.runtime.pipeline.InferredFrame` (its boxes
+    are the tracks' boxes in this frame) and the milliseconds of work so far."""
 
     frame: Frame
     tracks: list[Track]
-    boxes: list
     detected: bool
-    timer: object
-    landmarks: np.ndarray | None = None
-    matrices: list | None = None
-    crops: np.ndarray | None = None
-    batch: np.ndarray | None = None
-    volumes: np.ndarray | None = None
-    work_ms: float = 0.0
+    inferred: InferredFrame
+    work_ms: float
 
 
 class _Stage(threading.Thread):
@@ -567,7 +531,8 @@ def run_live(reconstructor, grabber: FrameGrabber, *, detect_every: int = 5,
     grabber : FrameGrabber
         The started capture; stopped on return.
     detect_every : int
-        Run the face detector every K frames; tracks are predicted and smoothed between.
+        Run the face detector every K frames; in between the faces reconstructed follow
+        their landmarks, the others are predicted (see :mod:`vrn.runtime.tracking`).
     headless : bool
         No window: print a stats line every ``stats_interval_s`` seconds.
     max_frames : int, optional

@@ -4,7 +4,9 @@
 ``crop`` each to 192x192 with the original landmark rule -> ``infer`` the volumes (one
 batch; a landmark-guided model also takes the landmarks in crop pixels) ->
 ``isosurface`` (marching cubes at 0.5) -> ``colour`` (vertex colours from the crop, and
-vertices mapped from crop voxels back to photo pixels).
+vertices mapped from crop voxels back to photo pixels). :meth:`Reconstructor.infer_faces`
+runs the stages up to ``infer`` and :meth:`Reconstructor.mesh_faces` the rest, so that a
+caller can run the two halves apart (the pipelined live loop runs them on two threads).
 
 On a GPU backend the crops are uploaded once and everything after stays on the device:
 the volumes come out of the backend as CUDA arrays, and marching cubes, the vertex
@@ -60,6 +62,27 @@ class FrameResult:
 
     faces: list[FaceResult]
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferredFrame:
+    """A frame after the network, before its meshes: what
+    :meth:`Reconstructor.infer_faces` hands to :meth:`Reconstructor.mesh_faces`.
+
+    For its N faces: ``boxes`` (photo pixels), ``landmarks`` ``(N, 68, 3)`` float32 photo
+    pixels ``(x, y, z)``, ``photo_to_crop`` N ``(2, 3)`` float64 affines, ``crops`` ``(N,
+    S, S, 3)`` uint8 RGB, the network input ``batch`` ``(N, 3, S, S)`` float32 and the
+    backend's ``volumes`` ``(N, D, S, S)`` (both CUDA arrays on a GPU backend; ``None``
+    when there is no face), and the ``timer`` holding the frame's stage times so far.
+    """
+
+    boxes: list[FaceBox]
+    landmarks: np.ndarray
+    photo_to_crop: list[np.ndarray]
+    crops: np.ndarray
+    batch: object
+    volumes: object
+    timer: StageTimer
 
 
 class Reconstructor:
@@ -120,17 +143,31 @@ class Reconstructor:
         """Reconstruct the faces in ``image`` ``(H, W, 3)`` uint8 RGB (grayscale, RGBA
         and 16-bit arrays are converted). ``boxes`` skips detection (e.g. from a tracker);
         ``landmarks`` ``(N, 68, 3)`` photo pixels, one per box, skips the landmark stage.
-        A frame without faces gives a result with no faces."""
-        timer = StageTimer()
-        sync = (lambda: _synchronize_device(self.device_id)) if self.on_gpu else None
+        A frame without faces gives a result with no faces.
+
+        The same as ``mesh_faces(infer_faces(image, boxes=boxes, landmarks=landmarks))``.
+        """
+        return self.mesh_faces(self.infer_faces(image, boxes=boxes, landmarks=landmarks))
+
+    def infer_faces(self, image: np.ndarray, *, boxes: list[FaceBox] | None = None,
+                    landmarks: np.ndarray | None = None,
+                    timer: StageTimer | None = None) -> InferredFrame:
+        """The first half of :meth:`__call__`: the ``detect``, ``landmarks``, ``crop`` and
+        ``infer`` stages. ``image``, ``boxes`` and ``landmarks`` as for :meth:`__call__`;
+        the stage times are added to ``timer`` (default: a new one), e.g. one that
+        already holds a tracker's. Finish the frame with :meth:`mesh_faces`."""
+        timer = StageTimer() if timer is None else timer
+        sync = self._stage_sync()
         image = as_rgb_uint8(image)
+        size = self.backend.input_size
         with timer("detect"):
             if boxes is None:
                 boxes = self.detector(image)
             if not self.all_faces:
                 boxes = boxes[:1]
         if not boxes:
-            return FrameResult([], timer.ms)
+            return InferredFrame([], np.zeros((0, 68, 3), np.float32), [],
+                                 np.zeros((0, size, size, 3), np.uint8), None, None, timer)
         with timer("landmarks"):
             if landmarks is None:
                 landmarks = self.landmark_stage(image, boxes)
@@ -138,22 +175,35 @@ class Reconstructor:
             if len(landmarks) != len(boxes):
                 raise ValueError(f"got {len(landmarks)} landmark sets for {len(boxes)} faces")
         with timer("crop", sync):
-            matrices, crops, crop_landmarks = landmark_crops(image, landmarks,
-                                                             self.backend.input_size)
+            matrices, crops, crop_landmarks = landmark_crops(image, landmarks, size)
             batch = to_network_input(crops)
             if self.on_gpu:
                 batch = self._upload(batch)
         with timer("infer", sync):
             volumes = self.backend.infer(batch, crop_landmarks)
+        return InferredFrame(list(boxes), landmarks, matrices, crops, batch, volumes, timer)
+
+    def mesh_faces(self, inferred: InferredFrame) -> FrameResult:
+        """The second half of :meth:`__call__`: the ``isosurface`` and ``colour`` stages
+        of a frame from :meth:`infer_faces` (timed into its timer)."""
+        timer, sync = inferred.timer, self._stage_sync()
+        if not inferred.boxes:
+            return FrameResult([], timer.ms)
         with timer("isosurface", sync):
-            isosurfaces = marching_cubes_batch(volumes, level=self.level)
-        meshes = []
-        for i, (matrix, (vertices, faces)) in enumerate(zip(matrices, isosurfaces)):
+            isosurfaces = marching_cubes_batch(inferred.volumes, level=self.level)
+        faces = []
+        for i, (vertices, triangles) in enumerate(isosurfaces):
+            matrix = inferred.photo_to_crop[i]
             with timer("colour", sync):
-                meshes.append(self._finish_mesh(batch[i], vertices, faces, matrix))
-        faces = [FaceResult(box, mesh, matrix, crop, lm) for box, mesh, matrix, crop, lm
-                 in zip(boxes, meshes, matrices, crops, landmarks)]
+                mesh = self._finish_mesh(inferred.batch[i], vertices, triangles, matrix)
+            faces.append(FaceResult(inferred.boxes[i], mesh, matrix, inferred.crops[i],
+                                    inferred.landmarks[i]))
         return FrameResult(faces, timer.ms)
+
+    def _stage_sync(self):
+        """What the stage timer waits for before reading the clock: the GPU's queued
+        work on a GPU backend, nothing on the CPU."""
+        return (lambda: _synchronize_device(self.device_id)) if self.on_gpu else None
 
     def _finish_mesh(self, crop, vertices, faces, photo_to_crop) -> FaceMesh:
         """Colour the crop-space mesh, map it into the photo and bring it to the host
