@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = configurations([b.strip() for b in args.backends.split(",")],
                              args.thread_options)
     intervals = [int(k) for k in args.detect_every.split(",")]
-    if len(intervals) > 1:
-        configs = [dataclasses.replace(c, name=f"{c.name}, detect every {k}", detect_every=k)
-                   for c in configs for k in intervals]
+    configs = [dataclasses.replace(
+        c, name=f"{c.name}, detect every {k}" if len(intervals) > 1 else c.name,
+        detect_every=k, summaries=[], loads=[]) for c in configs for k in intervals]
     for config in configs:
         build(config, args.weights)
     system = system_info()

@@ -118,6 +118,20 @@ def test_onnx_file_as_weights(ort_backend, batch):
     assert np.array_equal(direct.infer(batch[:1]), ort_backend.infer(batch[:1]))
 
 
+def test_int8_graph_is_labelled_int8(ort_backend, batch, tmp_path):
+    """A quantised graph says so in its precision and its one-line description."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from vrn.runtime.backends import create_backend
+
+    quantised = tmp_path / "int8.onnx"
+    quantize_dynamic(str(ort_backend.path), str(quantised))
+    backend = create_backend("onnxruntime", quantised, device="cpu")
+    assert ort_backend.precision == "fp32" and backend.precision == "int8"
+    assert ", int8," in backend.describe()
+    assert backend.infer(batch).shape == ort_backend.infer(batch).shape
+
+
 def test_silent_provider_fallback_is_an_error(ort_backend, monkeypatch):
     """onnxruntime lists CUDA yet loads only the CPU provider: we must say so."""
     import onnxruntime as ort

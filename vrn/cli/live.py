@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-meshes", metavar="DIR",
                    help="write every frame's meshes to DIR as frame_<index>.ply")
     p.add_argument("--detect-every", type=int, default=5, metavar="K",
-                   help="run the face detector every K frames, track in between (default 5)")
+                   help="run the face detector every K frames; in between, follow each "
+                        "face's landmarks from frame to frame (default 5)")
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap the network of each frame with the mesh of the frame "
                         "before, on two threads: more FPS, a little more latency "

@@ -16,7 +16,8 @@ class Backend(Protocol):
     -> occupancy ``(N, D, S, S)`` float32 in [0, 1], ``(D, H, W)`` per image. A
     NumPy batch gives a NumPy volume; GPU backends also take CUDA arrays (torch tensors)
     and, with ``on_device=True`` (the default for a CUDA input), return the volume as a
-    CUDA array so it never leaves the device. ``synchronize()`` waits for queued device
+    CUDA array so it never leaves the device (float16 from the torch backend at fp16:
+    marching cubes takes it as it is). ``synchronize()`` waits for queued device
     work. ``model_info`` is the :class:`~vrn.model.ModelInfo` of the weights;
     ``selection_reason`` (set by :func:`~vrn.runtime.backends.create_backend`) says why
     this backend was chosen.

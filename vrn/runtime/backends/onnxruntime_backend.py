@@ -39,6 +39,9 @@ from .onnx_cache import cached_file, open_cached
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
 CACHE_ENV = "VRN_CACHE_DIR"
+# The nodes of ONNX Runtime's int8 quantisations (static QDQ, dynamic, QOperator).
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                           "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 EXPORT_VERSION = 3  # part of the cache key: bump when the exported graph's interface changes
 
 
@@ -146,7 +149,7 @@ class OnnxRuntimeBackend:
         self.input_size = int(in_shape[2])
         self.out_depth = int(out_shape[1])
         self.static_batch = in_shape[0] if isinstance(in_shape[0], int) else None
-        self.precision = "fp16" if fp16 or graph.fp16 else "fp32"
+        self.precision = "fp16" if fp16 or graph.fp16 else "int8" if graph.int8 else "fp32"
         self.model_info = model_info if model_info is not None else graph.model_info()
 
     def _provider_list(self, provider, device_id, cache_dir, fp16, graph) -> list:
@@ -368,7 +371,7 @@ class _GraphFacts:
     """What the session set-up needs from the file, read once without the weights'
     external data: input name and size, whether the batch is dynamic and its largest
     value (the ``max_batch`` the exporter stores in the metadata), whether the graph
-    computes in fp16, and its metadata."""
+    computes in fp16 or is quantised to int8, and its metadata."""
 
     def __init__(self, path: Path):
         import onnx
@@ -388,6 +391,7 @@ class _GraphFacts:
         self.dynamic_batch = len(dims) == 4 and bool(dims[0].dim_param)
         self.fp16 = any(t.data_type == onnx.TensorProto.FLOAT16
                         for t in proto.graph.initializer)
+        self.int8 = any(node.op_type in QUANTIZED_OPS for node in proto.graph.node)
         self.metadata = {p.key: p.value for p in proto.metadata_props}
         from ...export.onnx_export import DEFAULT_MAX_BATCH
 
