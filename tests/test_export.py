@@ -38,7 +38,7 @@ from vrn.runtime.backends import cuda_arrays, tensorrt_backend
 from vrn.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from vrn.runtime.backends.tensorrt_backend import TensorRTBackend
 from vrn.runtime.backends.torch_backend import TorchBackend
-from vrn.runtime.pipeline import sample_face_crops
+from vrn.runtime.pipeline import default_landmark_stage, sample_face_crops
 
 from fakes.tensorrt import (FakeBuild, GraphHostBuffers, fake_tensorrt,
                            install_fake_gpu)
@@ -1124,6 +1124,11 @@ def test_engine_build_and_run_honour_the_device(small_weights, fast_export, fake
     backend.infer(images)
     assert {device for _, device in fake_gpu_build.events} == {1}
     assert fake_gpu_build.current_device == 0  # restored after each call
+    fake_gpu_build.events.clear()  # the landmark engine beside it pairs on the same GPU
+    stage = default_landmark_stage(backend)
+    crops = np.random.default_rng(1).random((2, 3, 120, 120), dtype=np.float32)
+    assert stage.backend == "tensorrt" and stage._run(crops).shape == (2, 68, 3)
+    assert {device for _, device in fake_gpu_build.events} == {1}
 
 
 def test_tensorrt_cuda_graphs_get_one_context_per_graph(small_onnx, fake_gpu_build, tmp_path,

@@ -369,6 +369,20 @@ def test_window_without_display_is_refused_early(monkeypatch, capsys):
     assert "no display available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, ok", [("cpu", True), ("cuda", True), ("cuda:1", True),
+                                        ("gpu", False), ("cuda:x", False), ("cpu:0", False)])
+def test_device_option(device, ok, capsys):
+    """--device takes cpu, cuda or cuda:N (the N-th GPU), and nothing else."""
+    from vrn.cli.live import _device
+
+    if ok:
+        assert _device(device) == device
+    else:
+        with pytest.raises(SystemExit):
+            main(["--device", device, "--headless"])
+        assert "expected cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_pipelined_loop_gives_the_sequential_loop_frames(video, plane_weights, tmp_path):
     """The pipelined loop (network of frame n + 1 beside the mesh of frame n) makes
     exactly the frames of the sequential one, in order, and reports latency beside FPS."""

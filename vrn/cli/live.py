@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=".t7, .safetensors or .onnx weights (default: the package's "
                               "default model)")
     weights.add_argument("--engine", metavar="PATH", help="a TensorRT engine (vrn-export)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="run the backend here (default: CUDA when the backend can use it)")
+    p.add_argument("--device", type=_device, metavar="cpu|cuda|cuda:N",
+                   help="run the backend here (default: CUDA when the backend can use it; "
+                        "cuda:N for the N-th GPU)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
                    help="compute precision (default: fp16 on CUDA, fp32 on the CPU; bf16: "
                         "PyTorch autocast with channels-last, on CPUs with native bf16 "
@@ -158,13 +159,21 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(summary.get("ended"), 0)
 
 
+def _device(text: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
 def _bf16_backend(args: argparse.Namespace) -> tuple[str, str | None]:
     """The backend and device to ask for: ``--precision bf16`` runs on PyTorch on the
     CPU (``--backend auto`` becomes torch), and only where the CPU computes in bf16
     natively; emulated bf16 is slower than fp32."""
     if args.precision != "bf16":
         return args.backend, args.device
-    if args.backend not in ("auto", "torch") or args.device == "cuda":
+    if args.backend not in ("auto", "torch") or (args.device or "").startswith("cuda"):
         raise UsageError("--precision bf16 runs on the torch backend on the CPU")
     from ..runtime.cpu import cpu_info
 

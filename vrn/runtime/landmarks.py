@@ -249,6 +249,10 @@ class LandmarkStage:
         AFLW2000-3D sample (it does with 3DDFA_V2's looser 1.58 crops).
     threads : int, optional
         ONNX Runtime intra-op threads (default: physical cores).
+    engine : path, optional
+        The TensorRT engine (``backend="tensorrt"`` only).
+    device_id : int
+        The GPU the TensorRT engine runs on.
 
     Calls are thread-safe (the torch module is only read; ONNX Runtime sessions are
     thread-safe).
@@ -256,14 +260,15 @@ class LandmarkStage:
 
     def __init__(self, backend: str = "torch", weights: str | os.PathLike | None = None,
                  refine: bool = False, *, cache_dir: str | os.PathLike | None = None,
-                 threads: int | None = None, engine: str | os.PathLike | None = None):
+                 threads: int | None = None, engine: str | os.PathLike | None = None,
+                 device_id: int = 0):
         weights = Path(weights) if weights is not None else default_landmark_weights()
         model = load_landmark_regressor(weights)
         if backend == "tensorrt":
             if engine is None:
                 raise ValueError("the tensorrt landmark backend needs engine= "
                                  "(landmarks.engine from vrn-export)")
-            self._run = TensorRTLandmarkRunner(engine)
+            self._run = TensorRTLandmarkRunner(engine, device_id=device_id)
         elif backend == "torch":
             self._run = TorchLandmarkRunner(model)
         elif backend == "onnxruntime":

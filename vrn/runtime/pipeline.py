@@ -228,13 +228,14 @@ class Reconstructor:
 
 def default_landmark_stage(backend) -> LandmarkStage:
     """The landmark stage to pair with a VRN backend: TensorRT when the backend runs an
-    engine and ``vrn-export`` left ``landmarks.engine`` beside it, ONNX Runtime beside
-    ONNX Runtime, else PyTorch."""
+    engine and ``vrn-export`` left ``landmarks.engine`` beside it (on the backend's GPU),
+    ONNX Runtime beside ONNX Runtime, else PyTorch."""
     name = getattr(backend, "name", "")
     if name == "tensorrt":
         engine = Path(backend.path).with_name("landmarks.engine")
         if engine.is_file():
-            return LandmarkStage("tensorrt", engine=engine)
+            return LandmarkStage("tensorrt", engine=engine,
+                                 device_id=getattr(backend, "device_id", 0) or 0)
     if name == "onnxruntime":
         return LandmarkStage("onnxruntime")
     return LandmarkStage("torch")
