@@ -94,15 +94,21 @@ def test_depth_smoothing_is_normalised_and_keeps_a_ramp():
 
 
 def test_plane_smoothing_keeps_planes_and_rounds_kinks():
-    smooth = PlaneSmoothing()
+    smooth = PlaneSmoothing(4)
     y, x = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
     plane = (3 * x - 2 * y + 5).expand(1, 4, 12, 12)
     # A plane is unchanged away from the edges (symmetric, normalised kernel).
     np.testing.assert_allclose(smooth(plane)[..., 1:-1, 1:-1].numpy(),
                                plane[..., 1:-1, 1:-1].numpy(), atol=1e-5)
-    kink = torch.abs(x - 6).expand(1, 1, 12, 12)
+    kink = torch.abs(x - 6).expand(1, 4, 12, 12)
     out = smooth(kink)[0, 0]
     assert abs(float(out[5, 6]) - 0.5) < 1e-6 and float(out[5, 3]) == 3.0
+    # Each depth plane is blurred alone, with its edge values repeated.
+    spike = torch.zeros(1, 4, 12, 12)
+    spike[0, 2, 0, 5] = 16.0
+    out = smooth(spike)
+    assert out[0, [0, 1, 3]].abs().max() == 0 and float(out[0, 2].sum()) == 16.0
+    assert float(out[0, 2, 0, 5]) == 6.0 and float(out[0, 2, 1, 5]) == 2.0
 
 
 def test_guided_model_starts_as_its_unguided_vrn():

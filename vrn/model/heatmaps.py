@@ -162,14 +162,16 @@ class PlaneSmoothing(nn.Module):
     """A fixed ``[1, 2, 1] x [1, 2, 1] / 16`` blur of ``(N, D, H, W)`` logits over ``(H,
     W)`` (edge values repeated): applied between two bilinear doublings of the volume,
     it rounds the kinks that bilinear interpolation leaves at the coarse grid's nodes,
-    which shading shows as a grid of facets."""
+    which shading shows as a grid of facets. ``channels`` is ``D``: the blur is a
+    depthwise convolution (PyTorch's CPU ``conv3d`` over a 1-channel volume, its other
+    form, is 8 times slower)."""
 
-    def __init__(self):
+    def __init__(self, channels: int):
         super().__init__()
         taps = torch.tensor([1.0, 2.0, 1.0]) / 4
-        self.register_buffer("kernel", (taps[:, None] * taps[None, :]).view(1, 1, 1, 3, 3),
-                             persistent=False)
+        kernel = (taps[:, None] * taps[None, :]).expand(channels, 1, 3, 3).contiguous()
+        self.register_buffer("kernel", kernel, persistent=False)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        x = F.pad(logits.unsqueeze(1), (1, 1, 1, 1, 0, 0), mode="replicate")
-        return F.conv3d(x, self.kernel.to(logits.dtype)).squeeze(1)
+        x = F.pad(logits, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(x, self.kernel.to(logits.dtype), groups=self.kernel.shape[0])

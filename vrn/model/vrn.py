@@ -181,7 +181,8 @@ class VRN(_ModelState, nn.Module):
         return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+        # In place: a new (N, D, S, S) tensor costs eager PyTorch more than the sigmoid.
+        return self.logits(x).sigmoid_()
 
     def _check_input(self, x: torch.Tensor) -> None:
         c, s = self.config.in_channels, self.config.input_size
@@ -345,7 +346,7 @@ class VRNLandmarkGuided(_ModelState, nn.Module):
         for conv in (self.guide, self.depth_guide):
             nn.init.zeros_(conv.weight)
         self.smooth = DepthSmoothing(self.DEPTH_SIGMA)
-        self.plane_smooth = PlaneSmoothing()
+        self.plane_smooth = PlaneSmoothing(config.out_depth)
         set_bn_mode(self, bn_mode)
 
     def trunk_logits(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
@@ -377,7 +378,7 @@ class VRNLandmarkGuided(_ModelState, nn.Module):
                              align_corners=True)
 
     def forward(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(image, landmarks))
+        return self.logits(image, landmarks).sigmoid_()  # in place, as VRN.forward
 
 
 ARCHITECTURES = {cls.architecture: cls
