@@ -182,6 +182,21 @@ def _cube_words(a0, a1, b0, b1, c0, c1, d0, d1, valid):
 
 
 @njit(inline="always")
+def _cube_words_at(bits, n, z, y, w, last_word, last_valid):
+    """:func:`_cube_words` of word ``w`` of the cube row (y, z) of volume ``n`` of the
+    packed ``bits`` ``(N, D, H, words)``; past the row's last word the next words are 0,
+    and in its last word only the cubes in ``last_valid`` count."""
+    zero = np.uint64(0)
+    more = w + 1 < bits.shape[3]
+    return _cube_words(
+        bits[n, z, y, w], bits[n, z, y, w + 1] if more else zero,
+        bits[n, z, y + 1, w], bits[n, z, y + 1, w + 1] if more else zero,
+        bits[n, z + 1, y, w], bits[n, z + 1, y, w + 1] if more else zero,
+        bits[n, z + 1, y + 1, w], bits[n, z + 1, y + 1, w + 1] if more else zero,
+        last_valid if w == last_word else ~zero)
+
+
+@njit(inline="always")
 def _cube_case(bit, c0, c1, c2, c3, c4, c5, c6, c7):
     """Case index of the cube at bit ``bit`` of the corner words."""
     return (_bit(c0, bit) | _bit(c1, bit) << 1 | _bit(c2, bit) << 2 | _bit(c3, bit) << 3
@@ -199,7 +214,6 @@ def _count(planes, bits, width, plane_state, triangle_count, edge_x, edge_y, edg
     last_word = (width - 2) // WORD_BITS              # word holding x = width - 2
     last_valid = _low_mask((width - 2) % WORD_BITS + 1)  # its points with an x-edge
     zero = np.uint64(0)
-    full = ~zero
     for plane in range(planes[0], planes[1]):
         n = plane // depth
         z = plane % depth
@@ -232,14 +246,8 @@ def _count(planes, bits, width, plane_state, triangle_count, edge_x, edge_y, edg
             triangles = 0
             if not (last_row or last_plane):
                 for w in range(last_word + 1):
-                    more = w + 1 < n_words
-                    active, c0, c1, c2, c3, c4, c5, c6, c7 = _cube_words(
-                        bits[n, z, y, w], bits[n, z, y, w + 1] if more else zero,
-                        bits[n, z, y + 1, w], bits[n, z, y + 1, w + 1] if more else zero,
-                        bits[n, z + 1, y, w], bits[n, z + 1, y, w + 1] if more else zero,
-                        bits[n, z + 1, y + 1, w],
-                        bits[n, z + 1, y + 1, w + 1] if more else zero,
-                        last_valid if w == last_word else full)
+                    active, c0, c1, c2, c3, c4, c5, c6, c7 = _cube_words_at(
+                        bits, n, z, y, w, last_word, last_valid)
                     while active:
                         bit = _trailing_zeros(active)
                         active &= active - np.uint64(1)
@@ -302,8 +310,6 @@ def _emit_faces(rows, bits, width, triangle_count, triangle_edges, edge_mask, ed
     n_volumes, depth, height, n_words = bits.shape
     last_word = (width - 2) // WORD_BITS
     last_valid = _low_mask((width - 2) % WORD_BITS + 1)
-    zero = np.uint64(0)
-    full = ~zero
     edge_ids = np.empty(12, dtype=np.int64)
     # For the four point rows of a cube row, k = dy + 2 dz: their edge words w and the id
     # of their first vertex in word w.
@@ -320,13 +326,8 @@ def _emit_faces(rows, bits, width, triangle_count, triangle_edges, edge_mask, ed
             continue
         fid = 3 * row_face_base[n, z, y]
         for w in range(last_word + 1):
-            more = w + 1 < n_words
-            active, c0, c1, c2, c3, c4, c5, c6, c7 = _cube_words(
-                bits[n, z, y, w], bits[n, z, y, w + 1] if more else zero,
-                bits[n, z, y + 1, w], bits[n, z, y + 1, w + 1] if more else zero,
-                bits[n, z + 1, y, w], bits[n, z + 1, y, w + 1] if more else zero,
-                bits[n, z + 1, y + 1, w], bits[n, z + 1, y + 1, w + 1] if more else zero,
-                last_valid if w == last_word else full)
+            active, c0, c1, c2, c3, c4, c5, c6, c7 = _cube_words_at(
+                bits, n, z, y, w, last_word, last_valid)
             if not active:
                 continue
             for k in range(4):
